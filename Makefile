@@ -1,0 +1,39 @@
+# Two commands: `make workbook` runs the notebooks, `make test` runs the tests.
+# Both create .venv and install what is missing first.
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# Installed before the project so pip keeps it. On Linux, PyPI's torch==2.13.0 is a CUDA
+# build (this workbook's CI machines find a CPU build of it on disk). For another CUDA or a
+# CPU-only build: make TORCH_INDEX=https://download.pytorch.org/whl/cu128 (or .../whl/cpu)
+TORCH ?= torch==2.13.0
+TORCH_INDEX ?=
+NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
+export SAELAB_PROFILE ?=
+
+.PHONY: workbook test lint setup clean-runs
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check "$(TORCH)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[dev]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+# Executes every notebook in order, headless, in the selected profile ($$SAELAB_PROFILE or
+# auto-detected); executed copies go to runs/<profile>/notebooks, figures to figures/<profile>.
+workbook: setup
+	$(PY) -m saelab.workbook $(NOTEBOOKS)
+
+# Unit tests and every notebook under nbmake, always in the offline profile.
+test: setup
+	SAELAB_PROFILE=offline WANDB_MODE=disabled $(PY) -m pytest tests
+	$(if $(NOTEBOOKS),SAELAB_PROFILE=offline WANDB_MODE=disabled $(PY) -m pytest --nbmake --nbmake-timeout=900 $(NOTEBOOKS))
+
+lint: setup
+	$(PY) -m ruff check saelab tests benchmarks
+
+clean-runs:
+	rm -rf runs

@@ -1,0 +1,34 @@
+"""saelab: sparse autoencoders on GPT-2's residual stream, as a notebook workbook.
+
+    import saelab
+    profile = saelab.load_profile()              # gpt2 | quick | offline, with a banner
+    sae = saelab.SAE(d_in=768, d_sae=6144)       # tied ReLU SAE, as the seed article
+    result = saelab.train_sae(sae, activations)  # activations: (rows, d_in) tensor
+    sae.save("my_sae")                           # cfg.json + sae_weights.safetensors (SAELens layout)
+
+Importing saelab loads nothing heavy: names are resolved on first use.
+"""
+
+from importlib import import_module
+
+__version__ = "0.1.0"
+
+_PUBLIC = {
+    "Profile": "saelab.config",
+    "load_profile": "saelab.config",
+    "PROFILES": "saelab.config",
+    "SAE": "saelab.sae",
+    "train_sae": "saelab.train",
+    "ActivationStore": "saelab.store",
+    "StoreWriter": "saelab.store",
+}
+
+__all__ = [*_PUBLIC, "paths"]
+
+
+def __getattr__(name: str):
+    if name in _PUBLIC:
+        return getattr(import_module(_PUBLIC[name]), name)
+    if name == "paths":
+        return import_module("saelab.paths")
+    raise AttributeError(f"module 'saelab' has no attribute {name!r}")

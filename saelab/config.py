@@ -1,0 +1,220 @@
+"""Profiles: every number of a run in one frozen dataclass.
+
+`gpt2` is the seed article's configuration; `quick` and `offline` are derived from it with
+`dataclasses.replace`, so a difference between profiles is always a visible override.
+Notebooks call `load_profile(profile)` and never hard-code a number.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import socket
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+RECIPES = ("tied_l1", "l1", "topk")
+STORE_DTYPES = ("float16", "bfloat16", "float32")
+OFFLINE_MODEL = "offline-tiny"  # a seeded random GPT-2-architecture model built from a config
+
+
+@dataclass(frozen=True)
+class Profile:
+    """One run's configuration. Field comments give the unit and the seed's value."""
+
+    name: str  # shown in every banner, figure title and file the run writes
+
+    # --- language model and hook
+    model_name: str = "gpt2"  # TransformerLens name; "offline-tiny" = seeded random model, no download
+    hook: str = "blocks.6.hook_resid_pre"  # seed "layer 6" = HF hidden_states[6]
+    d_in: int = 768  # width of the hooked residual stream (GPT-2 small: 768)
+
+    # --- text data
+    dataset_id: str = "Skylion007/openwebtext"  # HF dataset id (parquet, no script) or a local file
+    dataset_split: str = "train"  # split streamed from dataset_id
+    n_texts: int = 20_000  # documents tokenized for SAE training (seed: 20,000)
+    context_size: int = 128  # tokens per context (seed max_length: 128)
+    exclude_first_position: bool = True  # drop position 0 (BOS): its residual norm is an outlier
+
+    # --- activation capture
+    capture_batch_size: int = 32  # contexts per LM forward pass (seed mae_batch_size: 32)
+    store_dtype: str = "float16"  # dtype of activation shards on disk: float16 | bfloat16 | float32
+    shard_rows: int = 65_536  # activations per shard file (~96 MiB at d_in 768, fp16)
+
+    # --- SAE
+    recipe: str = "tied_l1"  # tied_l1 (the seed) | l1 (untied) | topk (Gao et al. 2024)
+    expansion_factor: int = 8  # d_sae = expansion_factor * d_in (seed: 8 -> 6144)
+    l1_coefficient: float = 1e-3  # λ against MSE averaged over batch and d_in (seed: 1e-3)
+    topk_k: int = 32  # active features per token, topk recipe only
+
+    # --- training
+    lr: float = 1e-3  # Adam learning rate (seed: 1e-3)
+    batch_size: int = 512  # activations per optimizer step (seed: 512)
+    epochs: int = 100  # passes over the training split (seed: 100)
+    val_fraction: float = 0.1  # share of activations held out for validation (seed: a split, size unstated)
+    seed: int = 0  # seeds the model (offline), shuffling and SAE initialisation
+
+    # --- max-activating examples (MAE)
+    mae_texts: int = 5_000  # held-out texts scanned for MAE (seed: 5,000)
+    mae_top_k: int = 5  # examples kept per feature (seed: 5)
+    mae_top_features: int = 20  # features in the summary table, by total activation (seed: 20)
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not self.hook.startswith("blocks.") or not self.hook.split(".")[1].isdigit():
+            problems.append(f"hook={self.hook!r}: use a TransformerLens name like 'blocks.6.hook_resid_pre'")
+        if self.recipe not in RECIPES:
+            problems.append(f"recipe={self.recipe!r}: choose one of {RECIPES}")
+        if self.store_dtype not in STORE_DTYPES:
+            problems.append(f"store_dtype={self.store_dtype!r}: choose one of {STORE_DTYPES}")
+        if not 0 < self.val_fraction < 1:
+            problems.append(f"val_fraction={self.val_fraction}: must be strictly between 0 and 1")
+        positive = ("d_in", "n_texts", "context_size", "capture_batch_size", "shard_rows",
+                    "expansion_factor", "topk_k", "batch_size", "epochs", "mae_texts", "mae_top_k",
+                    "mae_top_features")
+        problems += [f"{f}={getattr(self, f)}: must be a positive integer"
+                     for f in positive if not (isinstance(getattr(self, f), int) and getattr(self, f) > 0)]
+        if not (self.lr > 0 and self.l1_coefficient >= 0):
+            problems.append("lr must be > 0 and l1_coefficient >= 0")
+        if self.context_size < 2 and self.exclude_first_position:
+            problems.append("context_size must be >= 2 when exclude_first_position is set")
+        if problems:
+            raise ValueError(f"invalid profile {self.name!r}:\n  " + "\n  ".join(problems))
+
+    @property
+    def d_sae(self) -> int:
+        return self.expansion_factor * self.d_in
+
+    @property
+    def layer(self) -> int:
+        """The block index in the hook name: blocks.6.hook_resid_pre -> 6."""
+        return int(self.hook.split(".")[1])
+
+    @property
+    def is_offline(self) -> bool:
+        return self.model_name == OFFLINE_MODEL
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> Profile:
+        unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown profile field(s) {sorted(unknown)}; valid fields: {field_names()}")
+        return cls(**values)
+
+    @classmethod
+    def from_json(cls, text: str) -> Profile:
+        return cls.from_dict(json.loads(text))
+
+    def replace(self, **overrides) -> Profile:
+        """A copy with some fields changed; unknown field names are an error listing valid ones."""
+        return Profile.from_dict({**self.to_dict(), **overrides})
+
+    def banner(self, device: str | None = None) -> str:
+        device = device or default_device()
+        lines = [f"saelab profile {self.name!r} on {device}: {self.model_name} {self.hook}, "
+                 f"{self.n_texts:,} texts x {self.context_size} tokens, SAE {self.d_in}->{self.d_sae} "
+                 f"({self.recipe}), {self.epochs} epochs"]
+        if self.is_offline:
+            lines.append("OFFLINE PROFILE: a small random-weight model on a locally built corpus. "
+                         "Its features are NOT GPT-2 features; use it to check the pipeline, not to "
+                         "interpret GPT-2.")
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return self.banner()
+
+
+def field_names() -> list[str]:
+    return [f.name for f in dataclasses.fields(Profile)]
+
+
+GPT2 = Profile(name="gpt2")
+
+# GPT-2 and OpenWebText on a laptop CPU in minutes: fewer texts, fewer epochs.
+QUICK = dataclasses.replace(
+    GPT2, name="quick", n_texts=2_000, epochs=5, mae_texts=500, capture_batch_size=16,
+)
+
+# No network: a 64-wide random GPT-2-architecture model, corpus and tokenizer built from
+# what is installed. Sized so every notebook runs in CI in seconds.
+OFFLINE = dataclasses.replace(
+    GPT2, name="offline", model_name=OFFLINE_MODEL, dataset_id="offline:installed-docs",
+    d_in=64, n_texts=400, context_size=64, capture_batch_size=16, shard_rows=4_096,
+    store_dtype="float32", epochs=5, batch_size=256, mae_texts=100,
+)
+
+PROFILES: dict[str, Profile] = {p.name: p for p in (GPT2, QUICK, OFFLINE)}
+
+
+def default_device() -> str:
+    import torch  # deferred: importing saelab must stay cheap
+
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def gpt2_is_cached() -> bool:
+    """True when the local Hugging Face cache already holds GPT-2's config."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return False
+    return isinstance(try_to_load_from_cache("gpt2", "config.json"), str)
+
+
+def hub_is_reachable(timeout_s: float = 2.0) -> bool:
+    """A TCP probe of the hub, bounded by timeout_s even when DNS hangs."""
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return False
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    result: list[bool] = []
+
+    def probe() -> None:
+        try:
+            socket.create_connection((host, 443), timeout=timeout_s).close()
+            result.append(True)
+        except OSError:
+            result.append(False)
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    return bool(result and result[0])
+
+
+def detect_profile_name() -> str:
+    """gpt2 on CUDA / quick elsewhere when GPT-2 can be had (cache or hub), else offline."""
+    if gpt2_is_cached() or hub_is_reachable():
+        return "gpt2" if default_device() == "cuda" else "quick"
+    return "offline"
+
+
+def load_profile(name: str | Profile | None = None, **overrides) -> Profile:
+    """Explicit name -> $SAELAB_PROFILE -> auto-detection. Overrides replace single fields.
+
+    A name may also be a path to a profile JSON file written by `Profile.to_json`.
+    """
+    if isinstance(name, Profile):
+        profile = name
+    else:
+        name = name or os.environ.get("SAELAB_PROFILE") or detect_profile_name()
+        if name in PROFILES:
+            profile = PROFILES[name]
+        elif name.endswith(".json") and Path(name).is_file():
+            profile = Profile.from_json(Path(name).read_text())
+        else:
+            raise ValueError(f"unknown profile {name!r}; choose one of {sorted(PROFILES)} "
+                             "(or a path to a profile .json), e.g. SAELAB_PROFILE=offline")
+    return profile.replace(**overrides) if overrides else profile

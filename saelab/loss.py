@@ -1,0 +1,45 @@
+"""SAE losses as pure functions. Each docstring is the formula, with what is averaged over.
+
+The seed's loss is  L = ||x - x_hat||^2 + λ ||h||_1  with λ = 1e-3, where, as in
+Cunningham et al.'s code (`(x_hat - x).pow(2).mean()`), the squared error is averaged over
+batch *and* d_in, and the L1 norm is summed over features and averaged over the batch.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def reconstruction_mse(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
+    """mean over batch and d_in of (x - x_hat)^2  =  E_batch ||x - x_hat||^2 / d_in.
+
+    x, x_hat: (batch, d_in) -> scalar.
+    """
+    return (x_hat - x).pow(2).mean()
+
+
+def l1_penalty(h: torch.Tensor) -> torch.Tensor:
+    """E_batch ||h||_1 = mean over batch of the sum over d_sae of |h|.
+
+    h: (batch, d_sae) -> scalar.
+    """
+    return h.abs().sum(dim=-1).mean()
+
+
+def decoder_weighted_l1_penalty(h: torch.Tensor, W_dec: torch.Tensor) -> torch.Tensor:
+    """E_batch sum_f |h_f| * ||W_dec[f]||_2  (untied SAE: the L1 cannot be dodged by shrinking h
+    and growing the decoder row; equals `l1_penalty` when decoder rows have unit norm).
+
+    h: (batch, d_sae), W_dec: (d_sae, d_in) -> scalar.
+    """
+    return (h.abs() * W_dec.norm(dim=1)).sum(dim=-1).mean()
+
+
+def sae_loss(x: torch.Tensor, x_hat: torch.Tensor, h: torch.Tensor, l1_coefficient: float) -> torch.Tensor:
+    """The seed's objective:  reconstruction_mse(x, x_hat) + λ · l1_penalty(h).
+
+    SAELens sums the squared error over d_in instead of averaging it, so its loss is d_in times
+    ours; the same optimum there needs l1_coefficient_saelens = d_in · λ (GPT-2: 768 · 1e-3 = 0.768,
+    with unit-norm decoder rows, since SAELens weights the L1 by ||W_dec[f]||).
+    """
+    return reconstruction_mse(x, x_hat) + l1_coefficient * l1_penalty(h)

@@ -1,0 +1,175 @@
+"""The activation store: the seam between capture (notebook 02) and training (notebook 03).
+
+A folder of safetensors shards plus `manifest.json`:
+
+    shard_00000.safetensors   activations (rows, d_in) and, per row, the context index,
+                              position and token id, so analysis can show each row in context
+    manifest.json             model, hook, d_in, dtype, the shard list with row and context
+                              counts, `complete`, and free-form metadata (profile, LM settings)
+
+Every shard is written to a temp file and renamed, and the manifest is rewritten (atomically)
+after each shard, so a killed capture leaves a valid prefix. `StoreWriter` resumes from it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+
+MANIFEST = "manifest.json"
+FORMAT = "saelab-activations/1"
+INDEX_FIELDS = ("context", "position", "token_id")  # int tensors, one value per activation row
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def _write_json_atomically(path: Path, payload: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2))
+    os.replace(tmp, path)
+
+
+def _shard_rows(path: Path) -> int | None:
+    """Row count from the safetensors header, or None if the file is missing or unreadable."""
+    try:
+        with safe_open(path, "pt") as shard:
+            return shard.get_slice("activations").get_shape()[0]
+    except (SafetensorError, OSError, KeyError, ValueError):
+        return None
+
+
+class StoreWriter:
+    """Appends shards; reopening a folder with a partial store resumes after its last good shard."""
+
+    def __init__(self, directory: str | os.PathLike, *, model_name: str, hook: str, d_in: int,
+                 dtype: str = "float16", metadata: dict | None = None):
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype {dtype!r} not supported; choose one of {sorted(DTYPES)}")
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.manifest = {"format": FORMAT, "model_name": model_name, "hook": hook, "d_in": d_in,
+                         "dtype": dtype, "metadata": metadata or {}, "complete": False,
+                         "n_rows": 0, "n_contexts": 0, "shards": []}
+        if (self.directory / MANIFEST).is_file():
+            self._resume(json.loads((self.directory / MANIFEST).read_text()))
+
+    def _resume(self, existing: dict) -> None:
+        identity = ("format", "model_name", "hook", "d_in", "dtype", "metadata")
+        differs = {k: (existing.get(k), self.manifest[k]) for k in identity if existing.get(k) != self.manifest[k]}
+        if differs:
+            raise ValueError(f"{self.directory} holds a store made with other settings {differs} "
+                             "(stored, requested); choose another folder or delete this one to recapture")
+        for shard in existing["shards"]:  # keep the prefix of shards that are whole on disk
+            if _shard_rows(self.directory / shard["file"]) != shard["rows"]:
+                break
+            self._append(shard)
+        self.manifest["complete"] = existing["complete"] and len(self.manifest["shards"]) == len(existing["shards"])
+
+    def _append(self, shard: dict) -> None:
+        self.manifest["shards"].append(shard)
+        self.manifest["n_rows"] += shard["rows"]
+        self.manifest["n_contexts"] += shard["contexts"]
+
+    @property
+    def contexts_done(self) -> int:
+        """Contexts already stored: a resumed capture starts from this one."""
+        return self.manifest["n_contexts"]
+
+    @property
+    def is_complete(self) -> bool:
+        return self.manifest["complete"]
+
+    def add_shard(self, activations: torch.Tensor, index: dict[str, torch.Tensor], contexts: int) -> None:
+        """Store (rows, d_in) activations with their per-row index, covering `contexts` contexts."""
+        if self.is_complete:
+            raise RuntimeError(f"{self.directory} is already complete; delete it to recapture")
+        rows, d_in = activations.shape
+        if d_in != self.manifest["d_in"]:
+            raise ValueError(f"shard has d_in={d_in}, store expects {self.manifest['d_in']}")
+        if sorted(index) != sorted(INDEX_FIELDS) or any(v.shape != (rows,) for v in index.values()):
+            raise ValueError(f"index must hold {INDEX_FIELDS}, each with one value per row ({rows})")
+        name = f"shard_{len(self.manifest['shards']):05d}.safetensors"
+        tensors = {"activations": activations.to("cpu", DTYPES[self.manifest["dtype"]]).contiguous(),
+                   **{k: v.to("cpu", torch.int64).contiguous() for k, v in index.items()}}
+        tmp = self.directory / (name + ".tmp")
+        save_file(tensors, tmp)
+        os.replace(tmp, self.directory / name)
+        self._append({"file": name, "rows": rows, "contexts": contexts})
+        _write_json_atomically(self.directory / MANIFEST, self.manifest)
+
+    def finish(self) -> ActivationStore:
+        self.manifest["complete"] = True
+        _write_json_atomically(self.directory / MANIFEST, self.manifest)
+        return ActivationStore(self.directory)
+
+
+class ActivationStore:
+    """Read side: validates the manifest against the shards before anything is loaded."""
+
+    def __init__(self, directory: str | os.PathLike, hook: str | None = None, d_in: int | None = None):
+        self.directory = Path(directory)
+        path = self.directory / MANIFEST
+        if not path.is_file():
+            raise FileNotFoundError(f"no activation store at {self.directory} (no {MANIFEST}); "
+                                    "run notebook 02_activations first to capture one")
+        try:
+            self.manifest = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path} is not valid JSON ({err}); rerun notebook 02 to rebuild it") from err
+        if self.manifest.get("format") != FORMAT:
+            raise ValueError(f"{path} is not a {FORMAT} manifest (format={self.manifest.get('format')!r})")
+        if not self.manifest["complete"]:
+            raise ValueError(f"the store at {self.directory} is incomplete (capture was interrupted after "
+                             f"{self.manifest['n_contexts']} contexts); rerun notebook 02 to resume it")
+        if hook is not None and hook != self.hook:
+            raise ValueError(f"store holds {self.hook!r} activations, but {hook!r} was asked for; "
+                             "capture that hook or use a profile whose hook matches")
+        if d_in is not None and d_in != self.d_in:
+            raise ValueError(f"store has d_in={self.d_in}, but d_in={d_in} was asked for")
+        for shard in self.manifest["shards"]:
+            rows = _shard_rows(self.directory / shard["file"])
+            if rows != shard["rows"]:
+                found = "missing or unreadable" if rows is None else f"{rows} rows"
+                raise ValueError(f"{shard['file']} is {found}, but the manifest says {shard['rows']} rows; "
+                                 f"the store at {self.directory} is damaged: delete it and rerun notebook 02")
+
+    hook = property(lambda self: self.manifest["hook"])
+    d_in = property(lambda self: self.manifest["d_in"])
+    n_rows = property(lambda self: self.manifest["n_rows"])
+    dtype = property(lambda self: self.manifest["dtype"])
+    metadata = property(lambda self: self.manifest["metadata"])
+
+    def shard_paths(self) -> list[Path]:
+        return [self.directory / s["file"] for s in self.manifest["shards"]]
+
+    def iter_shards(self, device: str | torch.device = "cpu"):
+        """Yields each shard as a dict: activations (rows, d_in) and the INDEX_FIELDS."""
+        for path in self.shard_paths():
+            yield load_file(path, device=str(device))
+
+    def activations(self, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> torch.Tensor:
+        """All rows in one (n_rows, d_in) tensor, filled shard by shard (no second full copy)."""
+        out = torch.empty(self.n_rows, self.d_in, dtype=dtype, device=device)
+        start = 0
+        for path in self.shard_paths():
+            with safe_open(path, "pt") as shard:
+                block = shard.get_tensor("activations")
+            out[start:start + block.shape[0]] = block.to(device, dtype)
+            start += block.shape[0]
+        return out
+
+    def index(self) -> dict[str, torch.Tensor]:
+        """Per-row context, position and token id, concatenated over shards."""
+        parts = {k: [] for k in INDEX_FIELDS}
+        for path in self.shard_paths():
+            with safe_open(path, "pt") as shard:
+                for k in INDEX_FIELDS:
+                    parts[k].append(shard.get_tensor(k))
+        return {k: torch.cat(v) if v else torch.empty(0, dtype=torch.int64) for k, v in parts.items()}
+
+    def size_bytes(self) -> int:
+        return sum(p.stat().st_size for p in self.shard_paths())

@@ -1,0 +1,113 @@
+import dataclasses
+import subprocess
+import sys
+import threading
+
+import pytest
+
+from saelab import config
+from saelab.config import GPT2, OFFLINE, QUICK, Profile, load_profile
+
+
+def test_gpt2_profile_is_the_seed_table():
+    assert (GPT2.model_name, GPT2.hook, GPT2.n_texts, GPT2.context_size) == \
+        ("gpt2", "blocks.6.hook_resid_pre", 20_000, 128)
+    assert (GPT2.d_in, GPT2.d_sae, GPT2.recipe, GPT2.l1_coefficient) == (768, 6144, "tied_l1", 1e-3)
+    assert (GPT2.lr, GPT2.batch_size, GPT2.epochs) == (1e-3, 512, 100)
+    assert (GPT2.mae_texts, GPT2.mae_top_k, GPT2.mae_top_features) == (5_000, 5, 20)
+    assert GPT2.layer == 6
+
+
+@pytest.mark.parametrize("profile", [GPT2, QUICK, OFFLINE])
+def test_json_round_trip(profile):
+    assert Profile.from_json(profile.to_json()) == profile
+
+
+def test_profiles_are_frozen():
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        GPT2.epochs = 1
+
+
+def test_explicit_name_beats_environment(monkeypatch):
+    monkeypatch.setenv("SAELAB_PROFILE", "quick")
+    assert load_profile("gpt2").name == "gpt2"
+    assert load_profile().name == "quick"
+
+
+def test_unknown_profile_lists_valid_names():
+    with pytest.raises(ValueError, match=r"unknown profile 'gtp2'.*\['gpt2', 'offline', 'quick'\]"):
+        load_profile("gtp2")
+
+
+def test_unknown_field_lists_valid_fields():
+    with pytest.raises(ValueError, match="unknown profile field.*'epoch'.*valid fields.*'epochs'"):
+        load_profile("offline", epoch=3)
+
+
+def test_overrides_replace_single_fields():
+    profile = load_profile("offline", epochs=2)
+    assert profile.epochs == 2 and profile.d_in == OFFLINE.d_in
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("recipe", "relu", "recipe='relu'.*tied_l1"),
+    ("hook", "layer6", "hook='layer6'.*blocks.6.hook_resid_pre"),
+    ("val_fraction", 1.0, "val_fraction"),
+    ("batch_size", 0, "batch_size=0"),
+    ("store_dtype", "int8", "store_dtype"),
+])
+def test_invalid_values_say_what_to_change(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        GPT2.replace(**{field: value})
+
+
+def test_profile_json_file_loads(tmp_path):
+    path = tmp_path / "mine.json"
+    path.write_text(OFFLINE.replace(name="mine", epochs=1).to_json())
+    assert load_profile(str(path)).epochs == 1
+
+
+def test_offline_banner_says_not_gpt2():
+    text = repr(OFFLINE)
+    assert "'offline'" in text and "NOT GPT-2" in text
+    assert "NOT GPT-2" not in repr(GPT2)
+
+
+def test_detection_without_network_or_cache_is_offline(monkeypatch):
+    monkeypatch.delenv("SAELAB_PROFILE", raising=False)
+    monkeypatch.setattr(config, "gpt2_is_cached", lambda: False)
+    monkeypatch.setattr(config, "hub_is_reachable", lambda: False)
+    assert load_profile().name == "offline"
+
+
+@pytest.mark.parametrize("device, expected", [("cuda", "gpt2"), ("cpu", "quick")])
+def test_detection_with_cached_gpt2_picks_by_device(monkeypatch, device, expected):
+    monkeypatch.delenv("SAELAB_PROFILE", raising=False)
+    monkeypatch.setattr(config, "gpt2_is_cached", lambda: True)
+    monkeypatch.setattr(config, "default_device", lambda: device)
+    assert load_profile().name == expected
+
+
+def test_hub_probe_respects_hf_hub_offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert config.hub_is_reachable() is False
+
+
+def test_hub_probe_returns_when_the_connection_hangs(monkeypatch):
+    never = threading.Event()
+
+    def hang(*args, **kwargs):
+        never.wait()  # a DNS lookup or connect that never answers
+        raise OSError("released at the end of the test")
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(config.socket, "create_connection", hang)
+    assert config.hub_is_reachable(timeout_s=0.2) is False
+    never.set()
+
+
+def test_import_does_no_work():
+    code = ("import sys, saelab; heavy = {'torch', 'transformer_lens', 'datasets', 'wandb'} & set(sys.modules);"
+            "print(sorted(heavy))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]" and out.stderr == ""

@@ -1,0 +1,48 @@
+"""The project's own files: dependencies in step, notebooks committed clean and conventional."""
+
+import json
+import re
+import tomllib
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+
+
+def package_name(requirement: str) -> str:
+    return re.split(r"[<>=!~\[ ;]", requirement.strip(), maxsplit=1)[0].lower().replace("_", "-")
+
+
+def test_environment_yml_names_the_same_packages_as_pyproject():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    in_pyproject = {package_name(r) for r in project["dependencies"] + project["optional-dependencies"]["dev"]}
+    pip_lines = re.findall(r"^\s+- (?!-e)(\S.*)$", (ROOT / "environment.yml").read_text().split("- pip:")[1], re.M)
+    in_environment = {package_name(line) for line in pip_lines}
+    assert in_environment == in_pyproject
+
+
+def test_makefile_test_target_is_what_ci_runs():
+    assert "make test" in (ROOT / ".ci" / "run").read_text()
+    assert "make test" in (ROOT / "README.md").read_text()
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_is_committed_without_outputs(path):
+    notebook = json.loads(path.read_text())
+    dirty = [i for i, cell in enumerate(notebook["cells"]) if cell["cell_type"] == "code"
+             and (cell.get("outputs") or cell.get("execution_count") is not None)]
+    assert not dirty, f"{path.name}: cells {dirty} carry outputs; clear them (jupyter nbconvert --clear-output)"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_follows_the_conventions(path):
+    cells = json.loads(path.read_text())["cells"]
+    first = "".join(cells[0]["source"])
+    assert cells[0]["cell_type"] == "markdown" and "Reads" in first and "Writes" in first
+    tagged = [c for c in cells if "parameters" in c.get("metadata", {}).get("tags", [])]
+    assert len(tagged) == 1 and "profile = None" in "".join(tagged[0]["source"])
+    code = "\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "code")
+    assert "../" not in code, "use saelab.paths instead of relative paths"
+    assert not re.search(r"\bCI\b|GITHUB_ACTIONS", code), "the profile is the only switch"
