@@ -3,7 +3,7 @@
 `iter_documents(profile)` yields document texts in a fixed order; `saelab.data` takes the
 first `n_texts + mae_texts` of them. Every failure to reach a source becomes a
 `DataSourceError` that names the alternatives, because the usual cause is a machine that
-cannot reach the Hugging Face hub.
+cannot reach the Hugging Face hub. Floor 2 (imports only config): `data` builds on it.
 """
 
 from __future__ import annotations

@@ -112,12 +112,16 @@ def build_tokens(profile: Profile, batch_docs: int = 256) -> dict:
 def _write_split(profile: Profile, split: str, texts: list[str], tokenizer, batch_docs: int) -> dict:
     import datasets
 
-    token_lists = (ids for i in range(0, len(texts), batch_docs)
-                   for ids in tokenizer(texts[i:i + batch_docs], add_special_tokens=False)["input_ids"])
-    lengths: list[int] = []
-    counted = (lengths.append(len(ids)) or ids for ids in token_lists)
-    rows = list(pack(counted, profile.context_size, tokenizer.convert_tokens_to_ids(EOT),
-                     profile.truncate_documents))
+    lengths: list[int] = []  # tokens per document before truncation, for notebook 01's histogram
+
+    def documents_ids() -> Iterator[list[int]]:
+        for i in range(0, len(texts), batch_docs):
+            for ids in tokenizer(texts[i:i + batch_docs], add_special_tokens=False)["input_ids"]:
+                lengths.append(len(ids))
+                yield ids
+
+    eot_id = tokenizer.convert_tokens_to_ids(EOT)
+    rows = list(pack(documents_ids(), profile.context_size, eot_id, profile.truncate_documents))
     if not rows:
         raise DataSourceError(f"split {split!r}: {len(texts)} documents make no full context of "
                               f"{profile.context_size} tokens; use more documents or a smaller context_size")
