@@ -85,3 +85,8 @@ def test_gpt2_without_network_says_use_offline(monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(OSError, match="(?s)'gpt2'.*SAELAB_PROFILE=offline"):
         lm.load_lm(GPT2, "cpu")
+
+
+def test_offline_model_must_reach_the_hook():
+    with pytest.raises(ValueError, match="offline_n_layers=6: must exceed the hook's layer 6"):
+        TINY.replace(offline_n_layers=6)
