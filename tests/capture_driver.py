@@ -1,0 +1,29 @@
+"""Runs a capture that kills its own process (os._exit: no cleanup, like SIGKILL) part-way.
+
+    python capture_driver.py PROFILE.json N
+
+Dies when the N-th shard file has been renamed into place but the manifest does not list it yet.
+"""
+
+import os
+import sys
+
+from saelab import capture, store
+from saelab.config import load_profile
+
+profile_json, n = sys.argv[1], int(sys.argv[2])
+calls = {"manifests": 0}
+write_json = store._write_json_atomically
+
+
+def write_json_or_die(path, payload):
+    """StoreWriter.add_shard renames the shard, then calls this for the manifest."""
+    calls["manifests"] += 1
+    if calls["manifests"] == n:
+        os._exit(17)
+    write_json(path, payload)
+
+
+store._write_json_atomically = write_json_or_die
+capture.capture_activations(load_profile(profile_json), device="cpu", progress=False)
+sys.exit(0)  # the capture finished before dying: the test fails on this exit code
