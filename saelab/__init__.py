@@ -21,6 +21,8 @@ _PUBLIC = {
     "train_sae": "saelab.train",
     "ActivationStore": "saelab.store",
     "StoreWriter": "saelab.store",
+    "make_synthetic": "saelab.synthetic",
+    "recovery_scores": "saelab.synthetic",
 }
 
 __all__ = [*_PUBLIC, "paths"]
