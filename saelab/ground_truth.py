@@ -25,7 +25,6 @@ from saelab.sae import SAE
 from saelab.synthetic import SyntheticData, recovery_scores
 from saelab.train import evaluate, train_sae
 
-
 SMALL_SAE = 1 << 16  # d_in * d_sae below which one CPU thread trains faster than several
 
 
@@ -98,15 +97,18 @@ def best_per_recipe(results: pd.DataFrame, by: str = "mmcs") -> pd.DataFrame:
 
 def sweep_figure(results: pd.DataFrame, title: str, true_l0: float | None = None) -> go.Figure:
     """MMCS (top row) and L0 (bottom row) against λ or k (log x), a column per recipe, a line per d_sae."""
+    recipes = list(dict.fromkeys(results["recipe"]))
     long = results.melt(id_vars=["recipe", "d_sae", "knob_value"], value_vars=["mmcs", "l0"],
                         var_name="metric", value_name="value")
     long["d_sae"] = long["d_sae"].astype(str)  # discrete colours, one per dictionary size
     fig = px.line(long, x="knob_value", y="value", color="d_sae", facet_row="metric", facet_col="recipe",
                   markers=True, log_x=True, title=title,
-                  category_orders={"metric": ["mmcs", "l0"], "recipe": list(dict.fromkeys(results["recipe"]))})
+                  category_orders={"metric": ["mmcs", "l0"], "recipe": recipes})
     names = {"mmcs": "MMCS (true → learned)", "l0": "L0 (active latents)"}
     fig.for_each_annotation(lambda a: a.update(text=names.get(a.text.split("=")[-1], a.text.split("=")[-1])))
-    fig.update_xaxes(matches=None, title_text="λ  (k for topk)")
+    fig.update_xaxes(matches=None, title_text="")
+    for col, recipe in enumerate(recipes, start=1):  # x titles under the bottom row only
+        fig.update_xaxes(title_text="k" if recipe == "topk" else "λ (L1 coefficient)", row=1, col=col)
     fig.update_yaxes(matches=None, title_text="")
     fig.update_yaxes(range=[0, 1.05], row=2)  # facet rows count from the bottom: row 2 is mmcs
     fig.update_yaxes(type="log", row=1)  # L0 spans orders of magnitude when λ is small
@@ -125,6 +127,6 @@ def save_figure(fig: go.Figure, profile, name: str) -> Path:
     fig.write_html(path, include_plotlyjs="cdn")
     try:
         fig.write_image(path.with_suffix(".png"), width=1100, height=650)
-    except (ImportError, ValueError, RuntimeError):
+    except (ImportError, ValueError, RuntimeError, OSError):
         pass  # no kaleido/chromium here: the HTML is the figure
     return path

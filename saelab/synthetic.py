@@ -46,6 +46,14 @@ def firing_probabilities(n_features: int, mean_active: float, decay_ratio: float
     return p.float()
 
 
+def random_directions(n: int, d: int, generator: torch.Generator | int = 0) -> torch.Tensor:
+    """n random unit vectors in d dims (uniform on the sphere), seeded. -> (n, d)"""
+    if isinstance(generator, int):
+        generator = torch.Generator().manual_seed(generator)
+    directions = torch.randn(n, d, generator=generator)
+    return directions / directions.norm(dim=1, keepdim=True)
+
+
 def _fires(n_samples: int, p: torch.Tensor, correlation: float, gen: torch.Generator) -> torch.Tensor:
     """(n_samples, n_features) bool; P(fires_i) = p_i exactly, correlated through a Gaussian copula.
 
@@ -77,8 +85,7 @@ def make_synthetic(n_samples: int, d: int = 256, n_features: int = 512, mean_act
         raise ValueError(f"need 0 <= correlation < 1 and noise_std >= 0, got {correlation}, {noise_std}")
     gen = torch.Generator().manual_seed(seed)
     p = firing_probabilities(n_features, mean_active, decay_ratio)
-    features = torch.randn(n_features, d, generator=gen)
-    features = features / features.norm(dim=1, keepdim=True)  # random unit directions
+    features = random_directions(n_features, d, gen)
     fires = _fires(n_samples, p, correlation, gen)
     codes = fires * torch.rand(n_samples, n_features, generator=gen)  # magnitudes U[0, 1]
     activations = codes @ features  # (n_samples, d)
