@@ -71,8 +71,8 @@ class Profile:
     synth_samples: int = 200_000  # synthetic activations trained on
     synth_dict_ratios: tuple[float, ...] = (1.0, 2.0)  # SAE widths swept, as d_sae / synth_features
     # λ swept for tied_l1 and l1. Our MSE is averaged over d, so a feature's activation shrinks by
-    # about λ·d/2: the useful λ scales like 1/synth_d (here ~1e-4 to 1e-2 for d=256).
-    synth_l1_coefficients: tuple[float, ...] = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
+    # about λ·d/2: the useful λ scales like 1/synth_d (at d=256 tied_l1 did best near 3e-4).
+    synth_l1_coefficients: tuple[float, ...] = (3e-5, 1e-4, 3e-4, 1e-3, 3e-3)
     synth_topk_ks: tuple[int, ...] = (2, 4, 8, 16, 32)  # k swept for topk (the data has ~synth_mean_active)
     synth_epochs: int = 20  # passes over the synthetic activations per SAE
     synth_lr: float = 3e-3  # Adam lr for the sweep (higher than the seed's 1e-3: short runs)
@@ -174,7 +174,7 @@ GPT2 = Profile(name="gpt2")
 # GPT-2 and OpenWebText on a laptop CPU in minutes: fewer texts, fewer epochs.
 QUICK = dataclasses.replace(
     GPT2, name="quick", n_texts=2_000, epochs=5, mae_texts=500, capture_batch_size=16,
-    synth_samples=50_000, synth_epochs=5, synth_l1_coefficients=(3e-4, 1e-3, 3e-3), synth_topk_ks=(4, 8, 16),
+    synth_samples=50_000, synth_epochs=10, synth_l1_coefficients=(1e-4, 3e-4, 1e-3), synth_topk_ks=(4, 8, 16),
 )
 
 # No network: a 64-wide random GPT-2-architecture model, corpus and tokenizer built from
