@@ -124,7 +124,7 @@ def save_figure(fig: go.Figure, profile, name: str) -> Path:
     directory = paths.figures_dir(profile)
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"{name}.html"
-    fig.write_html(path, include_plotlyjs="cdn")
+    fig.write_html(path, include_plotlyjs="cdn", div_id=name)  # fixed id: reruns give the same file
     try:
         fig.write_image(path.with_suffix(".png"), width=1100, height=650)
     except (ImportError, ValueError, RuntimeError, OSError):
