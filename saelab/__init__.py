@@ -26,6 +26,8 @@ _PUBLIC = {
     "load_tokenizer": "saelab.data",
     "load_lm": "saelab.lm",
     "capture_activations": "saelab.capture",
+    "make_synthetic": "saelab.synthetic",
+    "recovery_scores": "saelab.synthetic",
 }
 
 __all__ = [*_PUBLIC, "paths"]

@@ -76,7 +76,24 @@ class Profile:
     mae_top_k: int = 5  # examples kept per feature (seed: 5)
     mae_top_features: int = 20  # features in the summary table, by total activation (seed: 20)
 
+    # --- synthetic ground truth (notebook 05), after Sharkey, Braun & Millidge 2022. Not in the seed:
+    # known features in superposition, to check that the SAE recipes recover them. The sweep trains
+    # every recipe at every dictionary size and sparsity knob: len(ratios) * (2 * len(λs) + len(ks)) SAEs.
+    synth_d: int = 256  # dimensions the features are squeezed into (Sharkey et al.: 256)
+    synth_features: int = 512  # true features, more than synth_d: superposition (Sharkey et al.: 512)
+    synth_mean_active: float = 5.0  # true features firing per sample, on average (Sharkey et al.: ~5)
+    synth_samples: int = 200_000  # synthetic activations trained on
+    synth_dict_ratios: tuple[float, ...] = (1.0, 2.0)  # SAE widths swept, as d_sae / synth_features
+    # λ swept for tied_l1 and l1. Our MSE is averaged over d, so a feature's activation shrinks by
+    # about λ·d/2: the useful λ scales like 1/synth_d (at d=256 tied_l1 did best near 3e-4).
+    synth_l1_coefficients: tuple[float, ...] = (3e-5, 1e-4, 3e-4, 1e-3, 3e-3)
+    synth_topk_ks: tuple[int, ...] = (2, 4, 8, 16, 32)  # k swept for topk (the data has ~synth_mean_active)
+    synth_epochs: int = 20  # passes over the synthetic activations per SAE
+    synth_lr: float = 3e-3  # Adam lr for the sweep (higher than the seed's 1e-3: short runs)
+
     def __post_init__(self) -> None:
+        for name in ("synth_dict_ratios", "synth_l1_coefficients", "synth_topk_ks"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))  # JSON gives lists; keep tuples
         problems = []
         if not self.hook.startswith("blocks.") or not self.hook.split(".")[1].isdigit():
             problems.append(f"hook={self.hook!r}: use a TransformerLens name like 'blocks.6.hook_resid_pre'")
@@ -88,11 +105,13 @@ class Profile:
             problems.append(f"val_fraction={self.val_fraction}: must be strictly between 0 and 1")
         positive = ("d_in", "n_texts", "context_size", "capture_batch_size", "shard_rows",
                     "expansion_factor", "topk_k", "batch_size", "epochs", "mae_texts", "mae_top_k",
-                    "mae_top_features", "offline_vocab_size", "offline_n_layers", "offline_n_heads")
+                    "mae_top_features", "offline_vocab_size", "offline_n_layers", "offline_n_heads",
+                    "synth_d", "synth_features", "synth_samples", "synth_epochs")
         problems += [f"{f}={getattr(self, f)}: must be a positive integer"
                      for f in positive if not (isinstance(getattr(self, f), int) and getattr(self, f) > 0)]
         if not (self.lr > 0 and self.l1_coefficient >= 0):
             problems.append("lr must be > 0 and l1_coefficient >= 0")
+        problems += self._synthetic_problems()
         if self.context_size < 2 and self.exclude_first_position:
             problems.append("context_size must be >= 2 when exclude_first_position is set")
         if self.is_offline and not problems and self.offline_n_layers <= self.layer:
@@ -101,6 +120,20 @@ class Profile:
             problems.append(f"d_in={self.d_in} must be divisible by offline_n_heads={self.offline_n_heads}")
         if problems:
             raise ValueError(f"invalid profile {self.name!r}:\n  " + "\n  ".join(problems))
+
+    def _synthetic_problems(self) -> list[str]:
+        problems = []
+        if not (self.synth_dict_ratios and all(r > 0 for r in self.synth_dict_ratios)):
+            problems.append(f"synth_dict_ratios={self.synth_dict_ratios}: need one or more positive ratios")
+        if not all(lam >= 0 for lam in self.synth_l1_coefficients):
+            problems.append(f"synth_l1_coefficients={self.synth_l1_coefficients}: λ must be >= 0")
+        widest_k_allowed = min(round(r * self.synth_features) for r in self.synth_dict_ratios or (1,))
+        if not all(isinstance(k, int) and 0 < k <= widest_k_allowed for k in self.synth_topk_ks):
+            problems.append(f"synth_topk_ks={self.synth_topk_ks}: each k must be an integer in 1..{widest_k_allowed} "
+                            "(the narrowest swept dictionary)")
+        if not (self.synth_mean_active > 0 and self.synth_lr > 0):
+            problems.append("synth_mean_active and synth_lr must be > 0")
+        return problems
 
     @property
     def d_sae(self) -> int:
@@ -160,6 +193,7 @@ GPT2 = Profile(name="gpt2")
 # GPT-2 and OpenWebText on a laptop CPU in minutes: fewer texts, fewer epochs.
 QUICK = dataclasses.replace(
     GPT2, name="quick", n_texts=2_000, epochs=5, mae_texts=500, capture_batch_size=16,
+    synth_samples=50_000, synth_epochs=10, synth_l1_coefficients=(1e-4, 3e-4, 1e-3), synth_topk_ks=(4, 8, 16),
 )
 
 # No network: a 64-wide random GPT-2-architecture model, corpus and tokenizer built from
@@ -168,6 +202,9 @@ OFFLINE = dataclasses.replace(
     GPT2, name="offline", model_name=OFFLINE_MODEL, dataset_id=OFFLINE_CORPUS, dataset_revision=None,
     d_in=64, n_texts=400, context_size=64, capture_batch_size=16, shard_rows=4_096,
     store_dtype="float32", epochs=5, batch_size=256, mae_texts=100,
+    # notebook 05 in seconds: 64 features in 32 dims, 22 small SAEs (the λ scale follows 1/synth_d)
+    synth_d=32, synth_features=64, synth_mean_active=3.0, synth_samples=8_192, synth_epochs=40,
+    synth_lr=1e-2, synth_l1_coefficients=(1e-3, 3e-3, 1e-2, 3e-2), synth_topk_ks=(2, 4, 8),
 )
 
 PROFILES: dict[str, Profile] = {p.name: p for p in (GPT2, QUICK, OFFLINE)}

@@ -111,3 +111,19 @@ def test_import_does_no_work():
             "print(sorted(heavy))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]" and out.stderr == ""
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("synth_topk_ks", (4, 200), r"synth_topk_ks=\(4, 200\).*1\.\.64"),  # offline's narrowest dictionary: 64
+    ("synth_dict_ratios", (), "synth_dict_ratios"),
+    ("synth_l1_coefficients", (-1e-3,), "λ must be >= 0"),
+    ("synth_samples", 0, "synth_samples=0"),
+])
+def test_invalid_synthetic_settings_say_what_to_change(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        OFFLINE.replace(**{field: value})
+
+
+def test_synthetic_sweep_lists_survive_json_as_tuples():
+    profile = Profile.from_json(OFFLINE.to_json())
+    assert isinstance(profile.synth_topk_ks, tuple) and profile.synth_topk_ks == OFFLINE.synth_topk_ks
