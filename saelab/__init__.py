@@ -21,6 +21,10 @@ _PUBLIC = {
     "train_sae": "saelab.train",
     "ActivationStore": "saelab.store",
     "StoreWriter": "saelab.store",
+    "max_activating": "saelab.analysis",
+    "FeatureExplorer": "saelab.cards",
+    "feature_card": "saelab.cards",
+    "save_figure": "saelab.plots",
 }
 
 __all__ = [*_PUBLIC, "paths"]
