@@ -36,9 +36,10 @@ class MAEResult:
 
 def _keys(h: torch.Tensor, first_row: int) -> torch.Tensor:
     """(rows, d_sae) non-negative float32 -> (rows, d_sae) int64 keys ordered by (value, -row)."""
-    bits = h.contiguous().view(torch.int32).to(torch.int64)
-    rows = torch.arange(first_row, first_row + h.shape[0], device=h.device, dtype=torch.int64)
-    return (bits << 32) | (_LOW - rows)[:, None]
+    keys = h.contiguous().view(torch.int32).to(torch.int64)  # a -0.0 or negative gives a key < 0: never kept
+    keys <<= 32  # in place: at gpt2 scale a chunk of keys is 200 MB
+    keys |= (_LOW - torch.arange(first_row, first_row + h.shape[0], device=h.device))[:, None]
+    return keys
 
 
 def _unkey(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -98,9 +99,11 @@ def max_activating(sae: SAE, store: ActivationStore, k: int = 5, *, device: str 
                 raise ValueError(f"non-finite activations in {store.directory} near row {first_row}; "
                                  "the capture is corrupt: delete the store and rerun notebook 02")
             keep = keep_shard[start:start + chunk_rows].to(device)
-            h = torch.where(keep[:, None], sae.encode(x), 0.0).clamp_min(0.0) + 0.0  # (rows, d_sae); +0 drops -0.0
-            totals += h.sum(0, dtype=acc)
-            counts += (h > 0).sum(0)
+            h = sae.encode(x)  # (rows, d_sae), >= 0
+            if not keep.all():
+                h[~keep] = 0.0
+            totals += h.sum(0)  # float32 within a chunk, accumulated in float64 across chunks
+            counts += (h > 0).sum(0, dtype=torch.int32)
             n_tokens += int(keep.sum())
             chunk_top = _keys(h, first_row).topk(min(k, h.shape[0]), dim=0).values  # (<=k, d_sae)
             running = torch.cat([running, chunk_top]).topk(k, dim=0).values
