@@ -25,6 +25,11 @@ _PUBLIC = {
     "FeatureExplorer": "saelab.cards",
     "feature_card": "saelab.cards",
     "save_figure": "saelab.plots",
+    "build_tokens": "saelab.data",
+    "load_tokens": "saelab.data",
+    "load_tokenizer": "saelab.data",
+    "load_lm": "saelab.lm",
+    "capture_activations": "saelab.capture",
 }
 
 __all__ = [*_PUBLIC, "paths"]

@@ -137,12 +137,15 @@ def logit_attribution(sae: SAE, unembed: torch.Tensor, feature: int, *, center: 
     """(d_vocab,) direct effect on the logits of one unit of the feature: W_dec[f] @ W_U.
 
     center: LayerNorm subtracts the mean over d_model first, so the direction's mean component
-    never reaches the logits; removing it is exact for LN models (GPT-2).
+    never reaches the logits (exact for LN models such as GPT-2); and softmax ignores a shift of
+    all logits, so the result is centred over the vocabulary too (as TransformerLens'
+    center_unembed would): > 0 promotes a token relative to the average token, < 0 suppresses it.
     """
     direction = sae.decoder_weight[feature].detach().to(unembed.device, unembed.dtype)  # (d_in,)
-    if center:
-        direction = direction - direction.mean()
-    return direction @ unembed
+    if not center:
+        return direction @ unembed
+    logits = (direction - direction.mean()) @ unembed  # (d_vocab,)
+    return logits - logits.mean()
 
 
 def top_logit_tokens(logits: torch.Tensor, tokenizer, n: int = 10) -> pd.DataFrame:

@@ -121,8 +121,8 @@ def test_logit_attribution_by_hand():
     with torch.no_grad():
         sae.W_dec.copy_(torch.tensor([[1.0, 3.0]]))
     W_U = torch.tensor([[1.0, 0.0, 2.0], [0.0, 1.0, -1.0]])  # (d_in, d_vocab)
-    # centred direction [-1, 1]: logits [-1, 1, -3]; uncentred [1, 3]: [1, 3, -1]
-    assert torch.equal(logit_attribution(sae, W_U, 0), torch.tensor([-1.0, 1.0, -3.0]))
+    # centred direction [-1, 1]: logits [-1, 1, -3], minus their mean -1: [0, 2, -2]; uncentred [1, 3]: [1, 3, -1]
+    assert torch.equal(logit_attribution(sae, W_U, 0), torch.tensor([0.0, 2.0, -2.0]))
     assert torch.equal(logit_attribution(sae, W_U, 0, center=False), torch.tensor([1.0, 3.0, -1.0]))
     lm = SimpleNamespace(W_U=W_U, ln_final=SimpleNamespace(w=torch.tensor([2.0, 0.5])))
     assert torch.equal(unembedding(lm), torch.tensor([[2.0, 0.0, 4.0], [0.0, 0.5, -0.5]]))
