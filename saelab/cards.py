@@ -105,8 +105,10 @@ class FeatureExplorer:
         return top_logit_tokens(logit_attribution(self.sae, self.unembed, feature), self.tokenizer, n)
 
     def highlight_features(self, features: list[int]) -> str:
-        """HTML for several features, one block each (the top-20 table's features in notebook 04)."""
-        return "\n".join(f"<h4>feature {f}</h4>{self.highlight(f)}" for f in features)
+        """HTML for several features, one block each, under a caption naming profile and device."""
+        caption = plots.caption("Max-activating examples", self.profile, self.device)
+        return f"<p><b>{html.escape(caption)}</b></p>" + "\n".join(
+            f"<h4>feature {f}</h4>{self.highlight(f)}" for f in features)
 
 
 @dataclass
@@ -134,7 +136,6 @@ def feature_card(feature: int, explorer: FeatureExplorer, n_logits: int = 10) ->
     """One feature's stats, top examples (highlighted) and promoted/suppressed tokens."""
     if not 0 <= feature < explorer.sae.d_sae:
         raise ValueError(f"feature {feature} out of range: the SAE has {explorer.sae.d_sae} features")
-    caption = plots.figure_title(f"feature {feature}", explorer.profile, explorer.device).replace("<br><sup>", " — ")
     return FeatureCard(feature, explorer.mae.stats.loc[feature], explorer.examples(feature),
                        explorer.highlight(feature), explorer.logits(feature, n_logits),
-                       caption.replace("</sup>", ""))
+                       plots.caption(f"feature {feature}", explorer.profile, explorer.device))

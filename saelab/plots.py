@@ -31,10 +31,19 @@ OFFLINE_NOTE = "offline profile: random-weight model, NOT GPT-2"
 _png_state: dict[str, object] = {"warned": False, "server": False}
 
 
+def _origin(profile: Profile, device: str | None) -> str:
+    origin = f"profile {profile.name}, {profile.model_name}, on {device or default_device()}"
+    return f"{origin} · {OFFLINE_NOTE}" if profile.is_offline else origin
+
+
+def caption(text: str, profile: Profile, device: str | None = None) -> str:
+    """Plain text: '<text> — profile <name>, <model>, on <device>' (+ the offline note)."""
+    return f"{text} — {_origin(profile, device)}"
+
+
 def figure_title(text: str, profile: Profile, device: str | None = None) -> str:
-    """'<text> — <profile> on <device>', plus a second line for offline (random-weight) runs."""
-    title = f"{text} — profile {profile.name}, {profile.model_name}, on {device or default_device()}"
-    return f"{title}<br><sup>{OFFLINE_NOTE}</sup>" if profile.is_offline else title
+    """Plotly title: the text, then profile, model, device (and offline note) on a smaller line."""
+    return f"{text}<br><sup>{_origin(profile, device)}</sup>"
 
 
 def _figure_stem(name: str) -> str:
@@ -73,7 +82,8 @@ def save_figure(fig: go.Figure, profile: Profile, name: str, *, plotlyjs: str = 
     out.mkdir(parents=True, exist_ok=True)
     stem = _figure_stem(name)
     written = [out / f"{stem}.html"]
-    fig.write_html(written[0], include_plotlyjs=plotlyjs, full_html=True)
+    # a fixed div id (plotly draws a random one) keeps a rerun with the same numbers byte-identical
+    fig.write_html(written[0], include_plotlyjs=plotlyjs, full_html=True, div_id=stem)
     if png and _write_png(fig, out / f"{stem}.png"):
         written.append(out / f"{stem}.png")
     return written
@@ -133,8 +143,10 @@ def logit_attribution_bar(table: pd.DataFrame, feature: int, profile: Profile,
     """
     table = table.sort_values("logit")
     colours = np.where(table["logit"] > 0, "#54A24B", "#E45756")
-    fig = go.Figure(go.Bar(x=table["logit"], y=[repr(t) for t in table["token"]], orientation="h",
-                           marker_color=colours))
+    labels = [repr(t) for t in table["token"]]
+    if "token_id" in table:  # distinct tokens can print alike (e.g. partial UTF-8 bytes as '�')
+        labels = [f"{label} #{i}" for label, i in zip(labels, table["token_id"], strict=True)]
+    fig = go.Figure(go.Bar(x=table["logit"], y=labels, orientation="h", marker_color=colours))
     fig.update_layout(title=figure_title(f"Feature {feature}: direct logit attribution W_dec[f] @ W_U",
                                          profile, device),
                       xaxis_title="logit change per unit activation", yaxis_title="token",

@@ -68,3 +68,5 @@ def test_bar_builders_title_and_order():
     table = pd.DataFrame({"token": ["a", "b"], "logit": [0.5, -0.2]})
     fig = plots.logit_attribution_bar(table, 3, profile, "cpu")
     assert list(fig.data[0].y) == ["'b'", "'a'"] and "Feature 3" in fig.layout.title.text
+    table = pd.DataFrame({"token": ["�", "�"], "token_id": [7, 9], "logit": [0.5, -0.2]})
+    assert list(plots.logit_attribution_bar(table, 3, profile, "cpu").data[0].y) == ["'�' #9", "'�' #7"]
