@@ -33,6 +33,7 @@ def load_lm(profile: Profile, device: str | None = None, tokenizer=None):
     device = device or default_device()
     if profile.is_offline:
         model = hooked_from_hf(random_gpt2(profile), tokenizer or _offline_tokenizer(profile))
+        model.cfg.model_name = profile.model_name
     else:
         try:
             model = HookedTransformer.from_pretrained(profile.model_name, device="cpu", tokenizer=tokenizer,
