@@ -64,6 +64,25 @@ def feature_stats(totals: torch.Tensor, counts: torch.Tensor, max_values: torch.
     return frame
 
 
+class _Running:
+    """Running top-k keys per feature and the statistics' sums, all kept on the device."""
+
+    def __init__(self, k: int, d_sae: int, device: torch.device):
+        acc = torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
+        self.k = k
+        self.keys = torch.full((k, d_sae), -1, dtype=torch.int64, device=device)  # -1: no example yet
+        self.totals = torch.zeros(d_sae, dtype=acc, device=device)
+        self.counts = torch.zeros(d_sae, dtype=torch.int64, device=device)
+        self.finite = torch.ones((), dtype=torch.bool, device=device)  # all inputs finite so far
+
+    def update(self, h: torch.Tensor, first_row: int) -> None:
+        """h: (rows, d_sae) activations of store rows first_row, first_row + 1, ..."""
+        self.totals += h.sum(0)  # float32 within a chunk, accumulated in float64 across chunks
+        self.counts += (h > 0).sum(0, dtype=torch.int32)
+        chunk_top = _keys(h, first_row).topk(min(self.k, h.shape[0]), dim=0).values  # (<=k, d_sae)
+        self.keys = torch.cat([self.keys, chunk_top]).topk(self.k, dim=0).values
+
+
 @torch.no_grad()
 def max_activating(sae: SAE, store: ActivationStore, k: int = 5, *, device: str | torch.device = "cpu",
                    chunk_rows: int = 4096, exclude_token_ids: set[int] | None = None,
@@ -83,33 +102,26 @@ def max_activating(sae: SAE, store: ActivationStore, k: int = 5, *, device: str 
         raise ValueError(f"{store.n_rows} rows exceed the 2^32 rows a key can number; split the store")
     device = torch.device(device)
     sae = sae.to(device).eval()
-    acc = torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
-    running = torch.full((k, sae.d_sae), -1, dtype=torch.int64, device=device)  # (k, d_sae) keys
-    totals = torch.zeros(sae.d_sae, dtype=acc, device=device)
-    counts = torch.zeros(sae.d_sae, dtype=torch.int64, device=device)
-    excluded = torch.tensor(sorted(exclude_token_ids or []), dtype=torch.int64)
+    running, excluded = _Running(k, sae.d_sae, device), torch.tensor(sorted(exclude_token_ids or []))
     index, first_row, n_tokens = {f: [] for f in INDEX_FIELDS}, 0, 0
     for shard in tqdm(store.iter_shards(), total=len(store.shard_paths()), desc="MAE", disable=not progress):
         for f in INDEX_FIELDS:
             index[f].append(shard[f])
-        keep_shard = ~torch.isin(shard["token_id"], excluded)
-        for start in range(0, shard["activations"].shape[0], chunk_rows):
+        keep = ~torch.isin(shard["token_id"], excluded.to(torch.int64))  # (rows,) on the CPU
+        n_tokens += int(keep.sum())
+        for start in range(0, len(keep), chunk_rows):
             x = shard["activations"][start:start + chunk_rows].to(device, torch.float32)  # (rows, d_in)
-            if not torch.isfinite(x).all():
-                raise ValueError(f"non-finite activations in {store.directory} near row {first_row}; "
-                                 "the capture is corrupt: delete the store and rerun notebook 02")
-            keep = keep_shard[start:start + chunk_rows].to(device)
-            h = sae.encode(x)  # (rows, d_sae), >= 0
-            if not keep.all():
-                h[~keep] = 0.0
-            totals += h.sum(0)  # float32 within a chunk, accumulated in float64 across chunks
-            counts += (h > 0).sum(0, dtype=torch.int32)
-            n_tokens += int(keep.sum())
-            chunk_top = _keys(h, first_row).topk(min(k, h.shape[0]), dim=0).values  # (<=k, d_sae)
-            running = torch.cat([running, chunk_top]).topk(k, dim=0).values
+            running.finite &= torch.isfinite(x).all()  # checked once per shard: no device sync per chunk
+            h = sae.encode(x)  # (rows, d_sae)
+            if not keep[start:start + chunk_rows].all():
+                h[~keep[start:start + chunk_rows].to(device)] = 0.0
+            running.update(h, first_row)
             first_row += h.shape[0]
-    values, rows = (t.t().contiguous().cpu() for t in _unkey(running))  # (d_sae, k)
-    stats = feature_stats(totals, counts, values[:, 0], n_tokens)
+        if not running.finite:
+            raise ValueError(f"non-finite activations in {store.directory}, shard ending at row {first_row}; "
+                             "the capture is corrupt: delete the store and rerun notebook 02")
+    values, rows = (t.t().contiguous().cpu() for t in _unkey(running.keys))  # (d_sae, k)
+    stats = feature_stats(running.totals, running.counts, values[:, 0], n_tokens)
     return MAEResult(values, rows, stats, {f: torch.cat(v) for f, v in index.items()}, n_tokens)
 
 

@@ -67,3 +67,11 @@ def test_feature_card_renders_and_checks_its_input(tmp_path):
     explorer.contexts = [[1, 2, 3, 4], [3, 1, 5, 1]]  # token data changed after capture
     with pytest.raises(ValueError, match="changed after capture"):
         explorer.highlight(3)
+
+
+def test_public_names_resolve_lazily():
+    import saelab
+    from saelab import analysis, plots
+
+    assert saelab.feature_card is feature_card and saelab.FeatureExplorer is FeatureExplorer
+    assert saelab.max_activating is analysis.max_activating and saelab.save_figure is plots.save_figure
