@@ -11,10 +11,11 @@ by one shard plus one batch, whatever the number of documents.
 from __future__ import annotations
 
 import json
+import math
 import time
 
 import torch
-from tqdm.auto import tqdm
+from tqdm import tqdm  # text bars: tqdm.auto needs ipywidgets in Jupyter
 
 from saelab import paths
 from saelab.config import Profile, default_device
@@ -79,6 +80,35 @@ def capture_activations(profile: Profile, split: str = "train", device: str | No
              "tokens_per_s": captured / elapsed if elapsed > 0 else None, "resumed_from_context": done}
     (directory / STATS).write_text(json.dumps(stats, indent=2))
     return store
+
+
+@torch.inference_mode()
+def norm_by_position(lm, input_ids: torch.Tensor, hook: str, device: str | None = None):
+    """Mean and 10/90% quantiles of the hook's L2 norm at each position, position 0 included.
+
+    input_ids: (batch, pos). Computed from the LM rather than the store, because the store may
+    exclude position 0, which is exactly the position this plot is about.
+    """
+    import pandas as pd
+
+    layer = int(hook.split(".")[1])
+    _, cache = lm.run_with_cache(input_ids.to(device or lm.cfg.device), names_filter=[hook], stop_at_layer=layer + 1)
+    norms = cache[hook].float().norm(dim=-1).cpu()  # (batch, pos)
+    q = torch.quantile(norms, torch.tensor([0.1, 0.9]), dim=0)  # (2, pos)
+    return pd.DataFrame({"position": range(norms.shape[1]), "mean_norm": norms.mean(0).numpy(),
+                         "q10": q[0].numpy(), "q90": q[1].numpy()})
+
+
+def value_sample(store: ActivationStore, n: int = 200_000, seed: int = 0):
+    """About n activation values: all d_in values of rows drawn uniformly from every shard (numpy)."""
+    generator = torch.Generator().manual_seed(seed)
+    share = min(1.0, n / max(store.n_rows * store.d_in, 1))
+    parts = []
+    for shard in store.iter_shards():
+        acts = shard["activations"]  # (rows, d_in)
+        keep = torch.randperm(acts.shape[0], generator=generator)[: math.ceil(share * acts.shape[0])]
+        parts.append(acts[keep].float().flatten())
+    return torch.cat(parts).numpy() if parts else torch.empty(0).numpy()
 
 
 def read_stats(profile: Profile, split: str = "train") -> dict | None:

@@ -128,6 +128,21 @@ def _write_split(profile: Profile, split: str, texts: list[str], tokenizer, batc
             "context_tokens": len(rows) * profile.context_size, "document_lengths": lengths}
 
 
+def summary(profile: Profile):
+    """One row per split: documents, their tokens, and the packed contexts (a pandas DataFrame)."""
+    import pandas as pd
+
+    info = read_info(profile) or {"splits": {}}
+    rows = {split: {k: v for k, v in stats.items() if k != "document_lengths"}
+            for split, stats in info["splits"].items()}
+    return pd.DataFrame.from_dict(rows, orient="index")
+
+
+def document_lengths(profile: Profile) -> dict[str, list[int]]:
+    """Tokens per document (before truncation), per split, as counted when the tokens were built."""
+    return {split: stats["document_lengths"] for split, stats in read_info(profile)["splits"].items()}
+
+
 def load_tokens(profile: Profile, split: str = "train"):
     """The packed contexts of one split: a `datasets.Dataset` with column input_ids (context_size ints)."""
     import datasets
