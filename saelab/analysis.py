@@ -96,6 +96,10 @@ def max_activating(sae: SAE, store: ActivationStore, k: int = 5, *, device: str 
     if store.d_in != sae.d_in:
         raise ValueError(f"store has d_in={store.d_in} but the SAE expects {sae.d_in}; "
                          "use the SAE trained on this hook")
+    trained_on = sae.metadata.get("hook_name")
+    if trained_on and trained_on != store.hook:
+        raise ValueError(f"the SAE was trained on {trained_on!r} but the store holds {store.hook!r}; "
+                         "use the store captured at the SAE's hook (or the SAE trained on this one)")
     if store.n_rows == 0:
         raise ValueError(f"the store at {store.directory} holds no rows; rerun notebook 02")
     if store.n_rows >= _LOW:

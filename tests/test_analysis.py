@@ -102,6 +102,8 @@ def test_bad_input_gets_a_clear_error(tmp_path):
     store = write_store(tmp_path / "s", torch.randn(8, 3), [8])
     with pytest.raises(ValueError, match="d_in=3"):
         max_activating(SAE(4, 8), store, progress=False)
+    with pytest.raises(ValueError, match="trained on 'blocks.7.hook_resid_pre'"):
+        max_activating(SAE(3, 8, metadata={"hook_name": "blocks.7.hook_resid_pre"}), store, progress=False)
     x = torch.randn(8, 3)
     x[5, 1] = float("nan")
     with pytest.raises(ValueError, match="non-finite"):
