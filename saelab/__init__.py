@@ -19,6 +19,9 @@ _PUBLIC = {
     "PROFILES": "saelab.config",
     "SAE": "saelab.sae",
     "train_sae": "saelab.train",
+    "train_profile": "saelab.train",
+    "sae_for_profile": "saelab.train",
+    "TrainConfig": "saelab.train",
     "ActivationStore": "saelab.store",
     "StoreWriter": "saelab.store",
 }
