@@ -69,6 +69,13 @@ def evaluate(sae: SAE, data: torch.Tensor, l1_coefficient: float, batch_size: in
             "fvu": sse / variance if variance > 0 else float("nan")}
 
 
+@torch.no_grad()
+def total_variance(data: torch.Tensor, chunk: int = 65_536) -> float:
+    """sum over rows of ||x - mean||^2, in float64, chunk by chunk (no copy of all the data)."""
+    mean = data.sum(0, dtype=torch.float64) / data.shape[0]
+    return sum((part.double() - mean).pow(2).sum().item() for part in data.split(chunk))
+
+
 def make_adam(sae: SAE, lr: float) -> torch.optim.Optimizer:
     """Fused Adam (one kernel for all parameters) where this torch supports it, else foreach."""
     try:
@@ -85,7 +92,8 @@ class TrainingRun:
         self.sae, self.config, self.train, self.device = sae.to(device), config, train, device
         self.fingerprint, self.run_dir, self.wandb_id = fingerprint, run_dir, None
         self.optimizer = make_adam(sae, config.lr)
-        self.progress = Progress(sae.d_in, sae.d_sae, device)
+        self.progress = Progress(sae.d_sae, device)
+        self.variance = total_variance(train)  # for the epochs' training FVU
         self.window = min(config.dead_after_tokens, train.shape[0])  # tokens; see TrainConfig
         self.aux_k = config.aux_k or default_aux_k(sae.d_in)
 
@@ -162,7 +170,7 @@ class TrainingRun:
     def log_step(self, stats, x: torch.Tensor, log: RunLog, bar) -> None:
         self.check_finite()
         values = {"train/loss": stats.loss.item(), "train/mse": stats.sse.item() / x.numel(),
-                  "train/penalty": stats.penalty.item(), "train/l0": stats.fired.sum().item() / x.shape[0],
+                  "train/penalty": stats.penalty.item(), "train/l0": torch.count_nonzero(stats.h).item() / x.shape[0],
                   "train/fvu": stats.sse.item() / (x - x.mean(0)).pow(2).sum().item(),
                   "train/dead_fraction": self.progress.dead(self.window).float().mean().item(),
                   "lr": self.config.lr, "l1_coefficient": self.l1_at(self.progress.step)}
@@ -171,7 +179,7 @@ class TrainingRun:
 
     def end_epoch(self, val: torch.Tensor, log: RunLog) -> None:
         self.check_finite()
-        row = self.progress.epoch_row(self.sae.d_in, self.window)
+        row = self.progress.epoch_row(self.sae.d_in, self.window, self.variance)
         row |= {f"val_{k}": v for k, v in evaluate(self.sae, val, self.config.l1_coefficient).items()}
         row |= {"lr": self.config.lr, "l1_coefficient": self.l1_at(self.progress.step)}
         self.progress.history.append(row)

@@ -11,18 +11,16 @@ import torch
 
 from saelab.recipes import StepStats
 
-SUMS = ("loss", "sse", "penalty", "x_sq", "steps", "rows")  # scalars summed over the epoch
+SUMS = ("loss", "sse", "penalty", "steps", "rows")  # scalars summed over the epoch
 
 
 class Progress:
-    def __init__(self, d_in: int, d_sae: int, device: str | torch.device):
+    def __init__(self, d_sae: int, device: str | torch.device):
         self.step, self.epoch, self.batch = 0, 1, 0  # steps done; current epoch (1-based); batch in it
         self.tokens = 0  # training tokens seen, all epochs
         self.history: list[dict] = []  # one dict per finished epoch
         self.since_fired = torch.zeros(d_sae, dtype=torch.int64, device=device)  # tokens since last fired
         self.sums = {name: torch.zeros((), dtype=torch.float64, device=device) for name in SUMS}
-        self.fired = torch.zeros(d_sae, dtype=torch.int64, device=device)  # tokens fired, this epoch
-        self.x_sum = torch.zeros(d_in, dtype=torch.float64, device=device)  # for the epoch's FVU
 
     @torch.no_grad()
     def add(self, x: torch.Tensor, stats: StepStats) -> None:
@@ -30,12 +28,9 @@ class Progress:
         batch = x.shape[0]
         for name, value in (("loss", stats.loss), ("sse", stats.sse), ("penalty", stats.penalty)):
             self.sums[name] += value
-        self.sums["x_sq"] += x.double().pow(2).sum()
         self.sums["steps"] += 1
         self.sums["rows"] += batch
-        self.x_sum += x.double().sum(0)
-        self.fired += stats.fired
-        self.since_fired.add_(batch).mul_(stats.fired == 0)  # latents that fired restart at 0
+        self.since_fired.add_(batch).mul_(stats.mass == 0)  # latents that fired restart at 0
         self.step, self.batch, self.tokens = self.step + 1, self.batch + 1, self.tokens + batch
 
     def dead(self, window_tokens: int) -> torch.Tensor:
@@ -46,24 +41,23 @@ class Progress:
         return bool(torch.isfinite(self.sums["loss"]))
 
     @torch.no_grad()
-    def epoch_row(self, d_in: int, window_tokens: int) -> dict[str, float]:
-        """The epoch's training averages; resets the sums for the next epoch."""
+    def epoch_row(self, d_in: int, window_tokens: int, variance: float) -> dict[str, float]:
+        """The epoch's training averages; resets the sums for the next epoch. `variance` is
+        sum ||x - mean||^2 over the training rows, each of which the epoch saw once (for FVU)."""
         s = {name: value.item() for name, value in self.sums.items()}
         rows = max(s["rows"], 1)
-        variance = s["x_sq"] - (self.x_sum.pow(2).sum().item() / rows)  # sum ||x - mean||^2
         row = {"epoch": self.epoch, "step": self.step, "tokens": self.tokens,
                "train_loss": s["loss"] / max(s["steps"], 1), "train_mse": s["sse"] / (rows * d_in),
-               "train_penalty": s["penalty"] / max(s["steps"], 1), "train_l0": self.fired.sum().item() / rows,
+               "train_penalty": s["penalty"] / max(s["steps"], 1),
                "train_fvu": s["sse"] / variance if variance > 0 else float("nan"),
                "dead_fraction": self.dead(window_tokens).float().mean().item()}
-        for value in (*self.sums.values(), self.fired, self.x_sum):
+        for value in self.sums.values():
             value.zero_()
         self.epoch, self.batch = self.epoch + 1, 0
         return row
 
     def to_checkpoint(self) -> tuple[dict[str, torch.Tensor], dict]:
-        tensors = {"since_fired": self.since_fired, "fired": self.fired, "x_sum": self.x_sum,
-                   **{f"sum.{name}": value for name, value in self.sums.items()}}
+        tensors = {"since_fired": self.since_fired, **{f"sum.{name}": value for name, value in self.sums.items()}}
         return tensors, {"step": self.step, "epoch": self.epoch, "batch": self.batch, "tokens": self.tokens,
                          "history": self.history}
 
@@ -71,7 +65,5 @@ class Progress:
         self.step, self.epoch, self.batch = state["step"], state["epoch"], state["batch"]
         self.tokens, self.history = state["tokens"], state["history"]
         self.since_fired.copy_(tensors["since_fired"])
-        self.fired.copy_(tensors["fired"])
-        self.x_sum.copy_(tensors["x_sum"])
         for name in SUMS:
             self.sums[name].copy_(tensors[f"sum.{name}"])

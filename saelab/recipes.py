@@ -29,7 +29,8 @@ class StepStats(NamedTuple):
     loss: torch.Tensor  # scalar, the objective that was differentiated
     sse: torch.Tensor  # scalar, sum over batch and d_in of (x - x_hat)^2
     penalty: torch.Tensor  # scalar, E||h||_1 (L1 recipes) or the AuxK loss (topk)
-    fired: torch.Tensor  # (d_sae,) int64, tokens of this batch on which each latent fired
+    mass: torch.Tensor  # (d_sae,) sum of h over the batch: > 0 exactly for latents that fired (h >= 0)
+    h: torch.Tensor  # (batch, d_sae) the codes, detached, for occasional logging (L0)
 
 
 def recipe_of(sae: SAE) -> str:
@@ -54,22 +55,25 @@ def tied_l1_grads(sae: SAE, x: torch.Tensor, l1_coefficient: float) -> StepStats
         dL/dW = x^T q + g^T h,   dL/db_enc = sum_B q,   dL/db_dec = sum_B g
 
     Why by hand: autograd forms the decoder's weight gradient as h^T g, a (d_sae, B) x (B, d_in)
-    product that runs at half speed on CPU BLAS; g^T h gives the same numbers in the fast layout
-    and accumulates into x^T q in place. Also no autograd graph and no extra elementwise passes.
+    product that runs at half speed on CPU BLAS; g^T h gives the same numbers in the fast layout.
+    One product also yields db_enc and each latent's L1 mass (no extra passes over (B, d_sae)):
+        [x 1 0]^T q + [g 0 1]^T h = [dL/dW ; sum_B q ; sum_B h]          (d_in + 2, d_sae)
     """
     W = sae.W_enc  # (d_in, d_sae)
     batch, d_in = x.shape
     h = torch.addmm(sae.b_enc, x, W).relu_()  # (B, d_sae)
     e = torch.addmm(sae.b_dec, h, W.t()).sub_(x)  # (B, d_in)
     sse = e.pow(2).sum()
-    l1 = h.sum() / batch
     g = e.mul_(2.0 / (batch * d_in))  # reuses e's memory: e is not needed any more
     q = torch.addmm(x.new_full((1,), l1_coefficient / batch), g, W)  # (B, d_sae)
     q = torch.ops.aten.threshold_backward(q, h, 0)  # zero where h == 0 (the ReLU's gradient)
-    grad_W = torch.mm(x.t(), q).addmm_(g.t(), h)  # (d_in, d_sae)
-    sae.W_enc.grad, sae.b_enc.grad, sae.b_dec.grad = grad_W, q.sum(0), g.sum(0)
+    one, zero = x.new_ones(batch, 1), x.new_zeros(batch, 1)
+    out = torch.mm(torch.cat([x, one, zero], 1).t(), q).addmm_(torch.cat([g, zero, one], 1).t(), h)
+    sae.W_enc.grad, sae.b_enc.grad, sae.b_dec.grad = out[:d_in], out[d_in], g.sum(0)
+    mass = out[d_in + 1]  # (d_sae,) sum_B h
+    l1 = mass.sum() / batch
     loss = sse / (batch * d_in) + l1_coefficient * l1
-    return StepStats(loss, sse, l1, torch.count_nonzero(h, dim=0))
+    return StepStats(loss, sse, l1, mass, h)
 
 
 def autograd_grads(sae: SAE, x: torch.Tensor, l1_coefficient: float, dead: torch.Tensor | None = None,
@@ -93,8 +97,8 @@ def autograd_grads(sae: SAE, x: torch.Tensor, l1_coefficient: float, dead: torch
         loss = mse + aux_coefficient * penalty
     loss.backward()
     with torch.no_grad():
-        return StepStats(loss.detach(), mse.detach() * x.numel(), penalty.detach(),
-                         torch.count_nonzero(h.detach(), dim=0))
+        h = h.detach()
+        return StepStats(loss.detach(), mse.detach() * x.numel(), penalty.detach(), h.sum(0), h)
 
 
 @torch.no_grad()
