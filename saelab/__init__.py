@@ -24,6 +24,11 @@ _PUBLIC = {
     "TrainConfig": "saelab.train",
     "ActivationStore": "saelab.store",
     "StoreWriter": "saelab.store",
+    "build_tokens": "saelab.data",
+    "load_tokens": "saelab.data",
+    "load_tokenizer": "saelab.data",
+    "load_lm": "saelab.lm",
+    "capture_activations": "saelab.capture",
 }
 
 __all__ = [*_PUBLIC, "paths"]

@@ -19,6 +19,8 @@ from urllib.parse import urlparse
 RECIPES = ("tied_l1", "l1", "topk")
 STORE_DTYPES = ("float16", "bfloat16", "float32")
 OFFLINE_MODEL = "offline-tiny"  # a seeded random GPT-2-architecture model built from a config
+OFFLINE_CORPUS = "offline:installed-docs"  # dataset_id of the corpus harvested from installed docstrings
+EOT = "<|endoftext|>"  # GPT-2's separator, also the offline tokenizer's; BOS of every context
 
 
 @dataclass(frozen=True)
@@ -33,16 +35,28 @@ class Profile:
     d_in: int = 768  # width of the hooked residual stream (GPT-2 small: 768)
 
     # --- text data
-    dataset_id: str = "Skylion007/openwebtext"  # HF dataset id (parquet, no script) or a local file
+    dataset_id: str = "Skylion007/openwebtext"  # HF dataset id, or a local .jsonl/.json/.parquet/.txt file
+    # The hub's parquet export of the dataset: `datasets` 4+ refuses the repo's loading script,
+    # the export loads without one. None = the default branch (for datasets already in parquet).
+    dataset_revision: str | None = "refs/convert/parquet"
     dataset_split: str = "train"  # split streamed from dataset_id
+    text_column: str = "text"  # column holding each document's text (OpenWebText: "text")
     n_texts: int = 20_000  # documents tokenized for SAE training (seed: 20,000)
     context_size: int = 128  # tokens per context (seed max_length: 128)
     exclude_first_position: bool = True  # drop position 0 (BOS): its residual norm is an outlier
+    # Keep at most context_size - 1 tokens per document, as the seed (max_length=128), so n_texts
+    # documents give about n_texts contexts; False packs whole documents (many more contexts).
+    truncate_documents: bool = True
 
     # --- activation capture
     capture_batch_size: int = 32  # contexts per LM forward pass (seed mae_batch_size: 32)
     store_dtype: str = "float16"  # dtype of activation shards on disk: float16 | bfloat16 | float32
     shard_rows: int = 65_536  # activations per shard file (~96 MiB at d_in 768, fp16)
+
+    # --- offline model and tokenizer (model_name "offline-tiny" only; d_model = d_in)
+    offline_vocab_size: int = 4_096  # BPE vocabulary trained at run time on the offline corpus
+    offline_n_layers: int = 8  # must exceed the hook's layer (blocks.6 needs >= 7)
+    offline_n_heads: int = 4  # d_head = d_in / offline_n_heads
 
     # --- SAE
     recipe: str = "tied_l1"  # tied_l1 (the seed) | l1 (untied) | topk (Gao et al. 2024)
@@ -83,13 +97,17 @@ class Profile:
             problems.append(f"val_fraction={self.val_fraction}: must be strictly between 0 and 1")
         positive = ("d_in", "n_texts", "context_size", "capture_batch_size", "shard_rows",
                     "expansion_factor", "topk_k", "batch_size", "epochs", "mae_texts", "mae_top_k",
-                    "mae_top_features")
+                    "mae_top_features", "offline_vocab_size", "offline_n_layers", "offline_n_heads")
         problems += [f"{f}={getattr(self, f)}: must be a positive integer"
                      for f in positive if not (isinstance(getattr(self, f), int) and getattr(self, f) > 0)]
         if not (self.lr > 0 and self.l1_coefficient >= 0):
             problems.append("lr must be > 0 and l1_coefficient >= 0")
         if self.context_size < 2 and self.exclude_first_position:
             problems.append("context_size must be >= 2 when exclude_first_position is set")
+        if self.is_offline and not problems and self.offline_n_layers <= self.layer:
+            problems.append(f"offline_n_layers={self.offline_n_layers}: must exceed the hook's layer {self.layer}")
+        if self.is_offline and self.d_in % max(self.offline_n_heads, 1):
+            problems.append(f"d_in={self.d_in} must be divisible by offline_n_heads={self.offline_n_heads}")
         if problems:
             raise ValueError(f"invalid profile {self.name!r}:\n  " + "\n  ".join(problems))
 
@@ -156,7 +174,7 @@ QUICK = dataclasses.replace(
 # No network: a 64-wide random GPT-2-architecture model, corpus and tokenizer built from
 # what is installed. Sized so every notebook runs in CI in seconds.
 OFFLINE = dataclasses.replace(
-    GPT2, name="offline", model_name=OFFLINE_MODEL, dataset_id="offline:installed-docs",
+    GPT2, name="offline", model_name=OFFLINE_MODEL, dataset_id=OFFLINE_CORPUS, dataset_revision=None,
     d_in=64, n_texts=400, context_size=64, capture_batch_size=16, shard_rows=4_096,
     store_dtype="float32", epochs=5, batch_size=256, mae_texts=100,
 )
