@@ -140,7 +140,8 @@ def unembedding(lm) -> torch.Tensor:
     """(d_model, d_vocab) W_U as seen by the residual stream, final LayerNorm scale included.
 
     TransformerLens folds ln_final.w into W_U when loaded with fold_ln=True (normalization
-    "LNPre", no `ln_final.w`); otherwise we multiply it in here. The per-token 1/norm of LayerNorm
+    "LNPre", no `ln_final.w`; it also centres W_U over d_model, which `logit_attribution` makes
+    irrelevant by centring the direction); otherwise we multiply it in here. The per-token 1/norm of LayerNorm
     is a positive scalar, so it changes no ranking and is left out; ln_final.b adds the same
     logits whatever the feature, so it is left out too.
     """

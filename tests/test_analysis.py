@@ -133,3 +133,24 @@ def test_logit_attribution_by_hand():
     tokenizer = SimpleNamespace(decode=lambda ids: "abc"[ids[0]])
     table = top_logit_tokens(torch.tensor([-1.0, 1.0, -3.0]), tokenizer, n=1)
     assert table[["token", "logit", "effect"]].values.tolist() == [["b", 1.0, "promoted"], ["c", -3.0, "suppressed"]]
+
+
+def test_logit_attribution_is_the_same_with_ln_final_folded_or_not():
+    """TransformerLens folds ln_final.w into W_U (fold_ln=True, as saelab.lm loads GPT-2) and centres
+    W_U over d_model; unfolded, unembedding() multiplies the scale in. With the direction centred as
+    LayerNorm centres it, both give the same attribution."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from saelab.lm import LM_SETTINGS, hooked_from_hf
+
+    hf = GPT2LMHeadModel(GPT2Config(vocab_size=40, n_positions=8, n_embd=16, n_layer=1, n_head=2)).eval()
+    with torch.no_grad():
+        hf.transformer.ln_f.weight.copy_(torch.rand(16) + 0.5)  # a scale that is not all ones
+    folded = hooked_from_hf(hf)
+    unfolded = hooked_from_hf(hf, settings={**LM_SETTINGS, "fold_ln": False})
+    assert not hasattr(folded.ln_final, "w") and hasattr(unfolded.ln_final, "w")
+    sae = SAE(16, 4)
+    for f in range(4):
+        expected = logit_attribution(sae, unembedding(unfolded), f)
+        assert torch.allclose(logit_attribution(sae, unembedding(folded), f), expected, atol=1e-6)
+        assert not torch.allclose(logit_attribution(sae, unfolded.W_U, f), expected, atol=1e-4)  # scale matters
