@@ -79,6 +79,8 @@ class Profile:
     dead_after_tokens: int = 10_000_000  # a latent is dead after this many tokens unfired (Gao et al.: 10M),
     #                                      capped at one epoch's tokens so small datasets can have dead latents
     checkpoint_every: int = 1_000  # optimizer steps between checkpoints (also one at every epoch end)
+    ce_eval_contexts: int = 256  # held-out "mae" contexts for CE loss recovered in notebook 03
+    torch_threads: int = 0  # intra-op CPU threads notebook 03 sets (0 = torch's default, all cores)
 
     # --- max-activating examples (MAE)
     mae_texts: int = 5_000  # held-out texts scanned for MAE (seed: 5,000)
@@ -178,6 +180,10 @@ OFFLINE = dataclasses.replace(
     d_in=64, n_texts=400, context_size=64, capture_batch_size=16, shard_rows=4_096,
     store_dtype="float32", epochs=5, batch_size=256, mae_texts=100,
 )
+
+# The offline model and SAE are tiny (width 64): intra-op threads cost more than they give there
+# (measured on a shared 2-core CPU: 2 threads made notebook 03's training and CE evaluation 5-10x slower).
+OFFLINE = dataclasses.replace(OFFLINE, torch_threads=1)
 
 PROFILES: dict[str, Profile] = {p.name: p for p in (GPT2, QUICK, OFFLINE)}
 

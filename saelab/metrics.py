@@ -57,6 +57,29 @@ def reconstruction_metrics(x: torch.Tensor, x_hat: torch.Tensor, h: torch.Tensor
 
 
 @torch.no_grad()
+def evaluate_sae(sae, activations: torch.Tensor, batch_size: int = 4096) -> dict:
+    """`reconstruction_metrics` over all rows of `activations`, batch by batch (never all of h at
+    once), with the same separate averaging; adds "density" (d_sae,) for the histogram."""
+    device = next(sae.parameters()).device
+    sse = x_sq = 0.0
+    x_sum = torch.zeros(activations.shape[1], dtype=torch.float64, device=device)
+    fired = torch.zeros(sae.d_sae, dtype=torch.int64, device=device)
+    for batch in activations.split(batch_size):
+        x = batch.to(device, torch.float32)
+        x_hat, h = sae(x)
+        sse += (x - x_hat).double().pow(2).sum().item()
+        x_sq += x.double().pow(2).sum().item()
+        x_sum += x.double().sum(0)
+        fired += torch.count_nonzero(h, dim=0)
+    n = activations.shape[0]
+    density = fired.cpu().double() / n
+    variance = x_sq - x_sum.pow(2).sum().item() / n  # sum ||x - mean||^2
+    return {"l0": density.sum().item(), "fvu": sse / variance, "normalised_mse": sse / x_sq,
+            "dead_fraction": dead_fraction(density).item(), "dense_fraction": dense_fraction(density).item(),
+            "density": density}
+
+
+@torch.no_grad()
 def ce_loss_recovered(lm, sae, tokens: torch.Tensor, hook: str, batch_size: int = 8,
                       skip_first_position: bool = True) -> dict[str, float]:
     """Splice the SAE's reconstruction into `lm` (a TransformerLens HookedTransformer) at `hook`:

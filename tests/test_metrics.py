@@ -8,11 +8,13 @@ from saelab.metrics import (
     ce_loss_recovered,
     dead_fraction,
     dense_fraction,
+    evaluate_sae,
     feature_density,
     fvu,
     l0,
     log10_density,
     normalised_mse,
+    reconstruction_metrics,
 )
 from saelab.sae import SAE
 
@@ -83,3 +85,14 @@ def test_ce_loss_recovered_is_one_for_a_perfect_sae_and_zero_for_zero(tiny_lm, s
     assert abs(perfect["kl_sae"]) < 1e-5 and perfect["kl_zero"] > 0
     zero = ce_loss_recovered(tiny_lm, zero_sae(8), tokens, hook, batch_size=2, skip_first_position=skip_first)
     assert zero["ce_sae"] == zero["ce_zero"] and zero["ce_loss_recovered"] == 0.0
+
+
+def test_evaluate_sae_in_batches_equals_the_one_batch_formulas():
+    sae = SAE(4, 6)
+    x = torch.randn(10, 4) + 2
+    out = sae(x)
+    whole = reconstruction_metrics(x, out.x_hat, out.h)
+    batched = evaluate_sae(sae, x, batch_size=3)
+    for name, value in whole.items():
+        assert batched[name] == pytest.approx(value, rel=1e-5), name
+    assert torch.allclose(batched["density"], feature_density(out.h).double())
