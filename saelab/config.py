@@ -71,6 +71,17 @@ class Profile:
     val_fraction: float = 0.1  # share of activations held out for validation (seed: a split, size unstated)
     seed: int = 0  # seeds the model (offline), shuffling and SAE initialisation
 
+    # --- training recipe options and run bookkeeping (issue 4, notebook 03; saelab.train.TrainConfig)
+    b_dec_init: str = "zeros"  # zeros (the seed) | mean | geometric_median (Bricken et al. 2023) of a sample
+    l1_warmup_steps: int = 0  # λ ramps linearly from 0 over this many steps (seed: 0, constant λ)
+    aux_k: int = 0  # topk: dead latents in the AuxK loss; 0 = power of two near d_in/2 (Gao et al.: 512)
+    aux_coefficient: float = 1 / 32  # topk: weight α of the AuxK loss (Gao et al. 2024: 1/32)
+    dead_after_tokens: int = 10_000_000  # a latent is dead after this many tokens unfired (Gao et al.: 10M),
+    #                                      capped at one epoch's tokens so small datasets can have dead latents
+    checkpoint_every: int = 1_000  # optimizer steps between checkpoints (also one at every epoch end)
+    ce_eval_contexts: int = 256  # held-out "mae" contexts for CE loss recovered in notebook 03
+    torch_threads: int = 0  # intra-op CPU threads notebook 03 sets (0 = torch's default, all cores)
+
     # --- max-activating examples (MAE)
     mae_texts: int = 5_000  # held-out texts scanned for MAE (seed: 5,000)
     mae_top_k: int = 5  # examples kept per feature (seed: 5)
@@ -206,6 +217,10 @@ OFFLINE = dataclasses.replace(
     synth_d=32, synth_features=64, synth_mean_active=3.0, synth_samples=8_192, synth_epochs=40,
     synth_lr=1e-2, synth_l1_coefficients=(1e-3, 3e-3, 1e-2, 3e-2), synth_topk_ks=(2, 4, 8),
 )
+
+# The offline model and SAE are tiny (width 64): intra-op threads cost more than they give there
+# (measured on a shared 2-core CPU: 2 threads made notebook 03's training and CE evaluation 5-10x slower).
+OFFLINE = dataclasses.replace(OFFLINE, torch_threads=1)
 
 PROFILES: dict[str, Profile] = {p.name: p for p in (GPT2, QUICK, OFFLINE)}
 

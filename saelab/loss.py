@@ -43,3 +43,20 @@ def sae_loss(x: torch.Tensor, x_hat: torch.Tensor, h: torch.Tensor, l1_coefficie
     with unit-norm decoder rows, since SAELens weights the L1 by ||W_dec[f]||).
     """
     return reconstruction_mse(x, x_hat) + l1_coefficient * l1_penalty(h)
+
+
+def topk_aux_loss(pre: torch.Tensor, dead: torch.Tensor, residual: torch.Tensor, W_dec: torch.Tensor,
+                  aux_k: int) -> torch.Tensor:
+    """AuxK (Gao et al. 2024, A.2): reconstruct the main residual e = x - x_hat from the top-k_aux
+    pre-activations among *dead* latents, z = ReLU(topk_dead(pre)), and return
+
+        mean over batch and d_in of (e - z W_dec)^2,   or 0 when no latent is dead.
+
+    pre: (batch, d_sae), dead: (d_sae,) bool, residual: (batch, d_in) (detached), W_dec: (d_sae, d_in).
+    Live latents are masked to -inf, so fewer than aux_k dead latents need no host sync.
+    """
+    masked = pre.masked_fill(~dead, float("-inf"))
+    top = masked.topk(min(aux_k, pre.shape[-1]), dim=-1)
+    z = torch.zeros_like(pre).scatter(-1, top.indices, top.values.relu())  # ReLU(-inf) = 0
+    loss = reconstruction_mse(residual, z @ W_dec)
+    return loss * dead.any()

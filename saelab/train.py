@@ -1,75 +1,134 @@
-"""Train an SAE on a tensor of activations: the seed's recipe (Adam, fixed lr, λ·L1).
+"""Train an SAE on a tensor of activations; the recipe follows from the SAE (see saelab.recipes).
 
-    sae = SAE(d_in=768, d_sae=6144)
-    result = train_sae(sae, activations, epochs=100)
+    sae = SAE(d_in=768, d_sae=6144)                    # tied, k=None: the seed's recipe
+    result = train_sae(sae, activations, epochs=100)   # activations: (rows, d_in)
     result.history.plot(x="epoch", y="val_loss")
 
-The trainer never sees the language model: it takes activations (a tensor here; the
-activation store is read into one by notebook 03).
+With `run_dir`, the run checkpoints every `checkpoint_every` steps and at each epoch end, logs to
+wandb, writes history.csv, and saves the final SAE there; `resume=True` continues from the last
+checkpoint and gives the same SAE as an uninterrupted run. The trainer never sees the language
+model: notebook 03 reads the activation store into a tensor.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import shutil
+from pathlib import Path
 from typing import NamedTuple
 
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
-from saelab.batching import check_activations, sequential_batches, shuffled_batches, to_training_device, train_val_split
-from saelab.loss import l1_penalty, reconstruction_mse
+from saelab.batching import check_activations, to_training_device, train_val_split
+from saelab.loop import TrainConfig, TrainingRun, evaluate
+from saelab.recipes import init_b_dec, recipe_of
 from saelab.sae import SAE
+from saelab.tracking import RunLog
+
+__all__ = ["TrainConfig", "TrainResult", "evaluate", "sae_for_profile", "train_profile", "train_sae"]
 
 
 class TrainResult(NamedTuple):
     sae: SAE  # the trained SAE (same object that was passed in)
-    history: pd.DataFrame  # one row per epoch: train/val losses, L0, fraction active
+    history: pd.DataFrame  # one row per finished epoch: train_*, val_*, dead_fraction, lr, tokens
 
 
-@torch.no_grad()
-def evaluate(sae: SAE, data: torch.Tensor, l1_coefficient: float, batch_size: int = 4096) -> dict:
-    """Averages over all rows of `data` (batch-size independent): loss parts, L0, active fraction."""
-    totals = {"mse": 0.0, "l1": 0.0, "l0": 0.0}
-    device = next(sae.parameters()).device
-    for batch in sequential_batches(data, batch_size):
-        batch = batch.to(device, torch.float32)
-        x_hat, h = sae(batch)
-        rows = batch.shape[0]
-        totals["mse"] += reconstruction_mse(batch, x_hat).item() * rows
-        totals["l1"] += l1_penalty(h).item() * rows
-        totals["l0"] += (h > 0).sum().item()
-    n = data.shape[0]
-    mse, l1, l0 = totals["mse"] / n, totals["l1"] / n, totals["l0"] / n
-    return {"mse": mse, "l1": l1, "loss": mse + l1_coefficient * l1, "l0": l0,
-            "fraction_active": l0 / sae.d_sae}
+def sae_for_profile(profile) -> SAE:
+    """A fresh SAE for `profile.recipe`, seeded by profile.seed (global RNG left untouched)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(profile.seed)
+        return SAE(profile.d_in, profile.d_sae, tied=profile.recipe == "tied_l1",
+                   k=profile.topk_k if profile.recipe == "topk" else None,
+                   metadata={"model_name": profile.model_name, "hook_name": profile.hook,
+                             "profile": profile.name, "recipe": profile.recipe})
 
 
-def train_sae(sae: SAE, activations: torch.Tensor, *, l1_coefficient: float = 1e-3, lr: float = 1e-3,
-              batch_size: int = 512, epochs: int = 100, val_fraction: float = 0.1, seed: int = 0,
-              device: str | None = None, progress: bool = True) -> TrainResult:
-    """Fit `sae` to `activations` (rows, d_in) with the seed's loss; returns it with a history."""
+def train_sae(sae: SAE, activations: torch.Tensor, *, device: str | None = None, progress: bool = True,
+              run_dir: str | Path | None = None, resume: bool = False, max_steps: int | None = None,
+              run_name: str | None = None, run_config: dict | None = None, **options) -> TrainResult:
+    """Fit `sae` to `activations` (rows, d_in). `options` are TrainConfig fields (l1_coefficient, lr,
+    batch_size, epochs, val_fraction, seed, ...). `max_steps` stops early after that many steps in
+    all (with a checkpoint), e.g. to test resuming. `run_config` (e.g. the profile) goes to wandb."""
+    config = TrainConfig(**options)
     check_activations(activations)
     if activations.shape[1] != sae.d_in:
         raise ValueError(f"activations have d_in={activations.shape[1]} but the SAE expects {sae.d_in}; "
                          "build the SAE with SAE(d_in=activations.shape[1], ...)")
     device = device or next(sae.parameters()).device.type
-    sae.to(device)
-    split = train_val_split(activations, val_fraction, seed)
+    if torch.device(device).type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls: the issue allows them on CUDA
+    split = train_val_split(activations, config.val_fraction, config.seed)
     train = to_training_device(split.train, device)
-    optimizer = torch.optim.Adam(sae.parameters(), lr=lr)
-    shuffle = torch.Generator(device=train.device).manual_seed(seed)
+    run_dir = Path(run_dir) if run_dir is not None else None
+    fingerprint = {"rows": activations.shape[0], "d_in": activations.shape[1], "recipe": recipe_of(sae),
+                   "checksum": activations[:: max(1, activations.shape[0] // 1024)].double().sum().item()}
+    if run_dir is not None and not resume:
+        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # starting over: old state must not resume
+    run = TrainingRun(sae, config, train, device, fingerprint, run_dir)
+    if not (run_dir is not None and resume and run.resume()):
+        init_b_dec(sae, train[:4096].to(device), config.b_dec_init)
+    log = RunLog(run_dir, {"train": dataclasses.asdict(config), **(run_config or {})},
+                 run_id=run.wandb_id, name=run_name)
+    try:
+        finished = run.loop(split.val, log, max_steps, progress)
+    finally:
+        log.finish()
+    history = log.save_history(run.progress.history)
+    if finished and run_dir is not None:
+        sae.save(run_dir)  # the run's SAE: cfg.json + sae_weights.safetensors (SAELens layout)
+    return TrainResult(sae=sae, history=history)
+
+
+def train_profile(profile, activations: torch.Tensor, name: str = "sae", *, resume: bool = True,
+                  progress: bool = True, device: str | None = None, max_steps: int | None = None) -> TrainResult:
+    """Notebook 03: a fresh SAE for `profile.recipe`, trained with the profile's settings in the run
+    folder paths.sae_dir(profile, name); rerunning resumes (or returns the finished run at once)."""
+    from saelab import paths
+    from saelab.config import default_device
+
+    return train_sae(sae_for_profile(profile), activations, device=device or default_device(), progress=progress,
+                     run_dir=paths.sae_dir(profile, name), resume=resume, max_steps=max_steps,
+                     run_name=f"{profile.name}-{name}", run_config={"profile": profile.to_dict()},
+                     **dataclasses.asdict(TrainConfig.from_profile(profile)))
+
+
+def compare_recipes(profile, train_activations: torch.Tensor, eval_activations: torch.Tensor, lm,
+                    tokens: torch.Tensor, recipes=("tied_l1", "l1", "topk"), progress: bool = True) -> pd.DataFrame:
+    """Train (or reuse) one SAE per recipe on the same activations, all other settings equal, and
+    evaluate each on held-out activations and tokens: L0, FVU, dead %, CE loss recovered, KL.
+    The profile's own recipe is its main run ("sae"); the others are runs "recipe_<name>"."""
+    from saelab.metrics import ce_loss_recovered, evaluate_sae
+
     rows = []
-    for epoch in tqdm(range(1, epochs + 1), desc="epochs", disable=not progress):
-        for batch in shuffled_batches(train, batch_size, generator=shuffle):
-            x_hat, h = sae(batch)
-            loss = reconstruction_mse(batch, x_hat) + l1_coefficient * l1_penalty(h)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss became {loss.item()} in epoch {epoch}; lower lr or check the "
-                                     "activations for extreme values")
-        val = evaluate(sae, split.val, l1_coefficient)
-        rows.append({"epoch": epoch, "train_loss": loss.item(),
-                     **{f"val_{name}": value for name, value in val.items()}})
-    return TrainResult(sae=sae, history=pd.DataFrame(rows))
+    for recipe in recipes:
+        name = "sae" if recipe == profile.recipe else f"recipe_{recipe}"
+        sae = train_profile(profile.replace(recipe=recipe), train_activations, name, progress=progress).sae
+        quality = evaluate_sae(sae, eval_activations)
+        ce = ce_loss_recovered(lm, sae, tokens, profile.hook, skip_first_position=profile.exclude_first_position)
+        rows.append({"recipe": recipe, "run": name, "l0": quality["l0"], "fvu": quality["fvu"],
+                     "ce_loss_recovered": ce["ce_loss_recovered"], "kl_sae": ce["kl_sae"],
+                     "ablation_gap": ce["ce_zero"] - ce["ce_clean"],
+                     "dead_pct": 100 * quality["dead_fraction"], "dense_pct": 100 * quality["dense_fraction"]})
+    return pd.DataFrame(rows).set_index("recipe")
+
+
+def describe_recipes(table: pd.DataFrame, profile) -> str:
+    """The comparison in plain words, from the numbers in `table` (one line per recipe)."""
+    d_sae = profile.d_sae
+    lines = [f"{recipe}: L0 {row.l0:.1f} of {d_sae} latents per token ({row.l0 / d_sae:.1%}), "
+             f"FVU {row.fvu:.3f}, CE loss recovered {row.ce_loss_recovered:.1%}, dead {row.dead_pct:.1f}%"
+             for recipe, row in table.iterrows()]
+    if "tied_l1" in table.index and len(table) > 1:
+        seed, others = table.loc["tied_l1"], table.drop(index="tied_l1")
+        sparser = others[(others.l0 < seed.l0) & (others.fvu <= seed.fvu)].index.tolist()
+        lines.append(f"The seed recipe (tied_l1) uses {seed.l0 / d_sae:.1%} of its latents per token "
+                     f"(the seed article reported ~12.5%). "
+                     + (f"{', '.join(sparser)} reconstruct at least as well with fewer active latents."
+                        if sparser else "No other recipe here is both sparser and at least as accurate."))
+    if (table["ablation_gap"] < 0.05).any():
+        lines.append(f"Zeroing the residual stream raises CE by only {table['ablation_gap'].min():.3f} nats here, "
+                     "so CE loss recovered is ill-conditioned (it can exceed 100%); compare FVU and KL instead.")
+    if profile.is_offline:
+        lines.append("OFFLINE PROFILE: a random-weight model; these numbers check the pipeline, not GPT-2.")
+    return "\n".join(lines)

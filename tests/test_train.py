@@ -1,8 +1,12 @@
+import pandas as pd
 import pytest
 import torch
 
+from saelab import paths
+from saelab.checkpoint import load_checkpoint
+from saelab.config import load_profile
 from saelab.sae import SAE
-from saelab.train import evaluate, train_sae
+from saelab.train import evaluate, train_profile, train_sae
 
 
 def low_rank_data(n: int = 2048, d_in: int = 8) -> torch.Tensor:
@@ -54,3 +58,68 @@ def test_nan_activations_are_refused():
     data[5, 2] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
         train_sae(SAE(8, 16), data, epochs=1, progress=False)
+
+
+def params(sae: SAE) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in sae.named_parameters()}
+
+
+@pytest.mark.parametrize("tied, k", [(True, None), (False, 2)])
+def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path, tied, k):
+    data = low_rank_data(n=700)  # 630 train rows, batch 64: 10 steps an epoch, the last one short
+    options = dict(epochs=3, batch_size=64, progress=False, checkpoint_every=4, dead_after_tokens=100)
+    torch.manual_seed(1)
+    whole = train_sae(SAE(8, 16, tied=tied, k=k), data, run_dir=tmp_path / "whole", **options)
+    torch.manual_seed(1)
+    part = train_sae(SAE(8, 16, tied=tied, k=k), data, run_dir=tmp_path / "cut", max_steps=13, **options)
+    assert len(part.history) == 1  # stopped in epoch 2, between checkpoints
+    fresh = SAE(8, 16, tied=tied, k=k)  # other weights: resume must replace them
+    resumed = train_sae(fresh, data, run_dir=tmp_path / "cut", resume=True, **options)
+    assert all(torch.equal(a, b) for a, b in zip(params(whole.sae).values(), params(resumed.sae).values(),
+                                                 strict=True))
+    pd.testing.assert_frame_equal(whole.history, resumed.history)
+    assert (tmp_path / "cut" / "history.csv").is_file() and SAE.load(tmp_path / "cut").tied == tied
+
+
+def test_resume_refuses_other_settings(tmp_path):
+    data = low_rank_data(n=300)
+    train_sae(SAE(8, 16), data, epochs=1, batch_size=64, progress=False, run_dir=tmp_path)
+    with pytest.raises(ValueError, match="lr"):
+        train_sae(SAE(8, 16), data, epochs=2, batch_size=64, lr=1e-2, progress=False, run_dir=tmp_path, resume=True)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    data = low_rank_data(n=300)
+    # lr 1e30: step 1 is finite, it moves the weights by ~1e30, and step 2's loss overflows
+    with pytest.raises(FloatingPointError, match="last good checkpoint"):
+        train_sae(SAE(8, 16), data, epochs=2, batch_size=64, lr=1e30, progress=False, run_dir=tmp_path,
+                  checkpoint_every=1)
+    checkpoint = load_checkpoint(tmp_path / "checkpoints")
+    assert checkpoint.state["step"] == 1
+    assert all(torch.isfinite(p).all() for p in checkpoint.sae.parameters())
+
+
+def test_wandb_offline_run_is_created(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wb"))
+    (tmp_path / "wb").mkdir()
+    train_sae(SAE(8, 16), low_rank_data(n=200), epochs=1, batch_size=64, progress=False, run_dir=tmp_path / "run")
+    runs = list((tmp_path / "wb" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and any(runs[0].glob("*.wandb"))
+
+
+def test_l1_warmup_ramps_lambda(tmp_path):
+    result = train_sae(SAE(8, 16), low_rank_data(n=300), epochs=1, batch_size=30, l1_warmup_steps=20,
+                       progress=False)  # 270 train rows -> 9 steps: λ ends at 9/20 of 1e-3
+    assert result.history["l1_coefficient"].iloc[-1] == pytest.approx(1e-3 * 9 / 20)
+
+
+def test_train_profile_writes_the_sae_folder_and_a_rerun_returns_it():
+    profile = load_profile("offline", d_in=8, expansion_factor=2, epochs=2, batch_size=64)
+    data = low_rank_data(n=300)
+    first = train_profile(profile, data, progress=False)
+    saved = SAE.load(paths.sae_dir(profile))
+    assert saved.metadata["hook_name"] == profile.hook and torch.equal(saved.W_enc, first.sae.W_enc)
+    again = train_profile(profile, data, progress=False)  # resumes the finished run: no more steps
+    assert torch.equal(again.sae.W_enc, first.sae.W_enc)
+    pd.testing.assert_frame_equal(again.history, first.history)

@@ -1,0 +1,175 @@
+"""Max-activating examples (MAE), per-feature statistics and logit attribution (notebook 04).
+
+`max_activating` makes ONE pass over an activation store: each chunk of rows is SAE-encoded on the
+device and merged into a running top-k per feature, so memory is O(chunk x d_sae + d_sae x k),
+never O(tokens x d_sae). Statistics (total activation, firing count) accumulate in the same pass.
+
+Ties: among equal activations the smaller store row wins. Each activation becomes one int64 key,
+(float32 bits << 32) | (2^32 - 1 - row): for values >= 0 the IEEE-754 bit pattern orders like the
+value, so keys are unique and `topk` on them is exact and deterministic on any device.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from saelab.sae import SAE
+from saelab.store import INDEX_FIELDS, ActivationStore
+
+_LOW = (1 << 32) - 1  # low 32 bits of a key hold (2^32 - 1 - row), so smaller rows rank higher
+
+
+@dataclass
+class MAEResult:
+    """Top-k examples and statistics per feature, as store rows."""
+
+    values: torch.Tensor  # (d_sae, k) float32, descending per feature; 0 where fewer than k fired
+    rows: torch.Tensor  # (d_sae, k) int64 store rows of those activations; -1 = no example
+    stats: pd.DataFrame  # one row per feature, see `feature_stats`
+    index: dict[str, torch.Tensor]  # the store's per-row context, position, token_id
+    n_tokens: int  # rows scanned (excluded token ids not counted)
+
+
+def _keys(h: torch.Tensor, first_row: int) -> torch.Tensor:
+    """(rows, d_sae) non-negative float32 -> (rows, d_sae) int64 keys ordered by (value, -row)."""
+    keys = h.contiguous().view(torch.int32).to(torch.int64)  # a -0.0 or negative gives a key < 0: never kept
+    keys <<= 32  # in place: at gpt2 scale a chunk of keys is 200 MB
+    keys |= (_LOW - torch.arange(first_row, first_row + h.shape[0], device=h.device))[:, None]
+    return keys
+
+
+def _unkey(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys -> (values, rows); the -1 sentinel and zero activations become (0.0, -1)."""
+    valid = (keys >> 32) > 0  # bits > 0 <=> value > 0 for non-negative floats
+    values = (keys >> 32).to(torch.int32).view(torch.float32)
+    rows = _LOW - (keys & _LOW)
+    return torch.where(valid, values, 0.0), torch.where(valid, rows, -1)
+
+
+def feature_stats(totals: torch.Tensor, counts: torch.Tensor, max_values: torch.Tensor,
+                  n_tokens: int) -> pd.DataFrame:
+    """Per-feature table: total activation, firing frequency, max, mean when active (NaN if never)."""
+    frame = pd.DataFrame({
+        "total_activation": totals.double().cpu().numpy(),
+        "frequency": (counts.double() / max(n_tokens, 1)).cpu().numpy(),
+        "n_active": counts.cpu().numpy(),
+        "max_activation": max_values.double().cpu().numpy(),
+    })
+    frame["mean_when_active"] = frame["total_activation"] / frame["n_active"].where(frame["n_active"] > 0)
+    frame.index.name = "feature"
+    return frame
+
+
+class _Running:
+    """Running top-k keys per feature and the statistics' sums, all kept on the device."""
+
+    def __init__(self, k: int, d_sae: int, device: torch.device):
+        acc = torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
+        self.k = k
+        self.keys = torch.full((k, d_sae), -1, dtype=torch.int64, device=device)  # -1: no example yet
+        self.totals = torch.zeros(d_sae, dtype=acc, device=device)
+        self.counts = torch.zeros(d_sae, dtype=torch.int64, device=device)
+        self.finite = torch.ones((), dtype=torch.bool, device=device)  # all inputs finite so far
+
+    def update(self, h: torch.Tensor, first_row: int) -> None:
+        """h: (rows, d_sae) activations of store rows first_row, first_row + 1, ..."""
+        self.totals += h.sum(0)  # float32 within a chunk, accumulated in float64 across chunks
+        self.counts += (h > 0).sum(0, dtype=torch.int32)
+        chunk_top = _keys(h, first_row).topk(min(self.k, h.shape[0]), dim=0).values  # (<=k, d_sae)
+        self.keys = torch.cat([self.keys, chunk_top]).topk(self.k, dim=0).values
+
+
+@torch.no_grad()
+def max_activating(sae: SAE, store: ActivationStore, k: int = 5, *, device: str | torch.device = "cpu",
+                   chunk_rows: int = 4096, exclude_token_ids: set[int] | None = None,
+                   progress: bool = True) -> MAEResult:
+    """One streaming pass: top-k store rows per feature and per-feature statistics.
+
+    Rows whose token id is in `exclude_token_ids` (e.g. a pad id) are skipped entirely: they
+    are never examples and do not count as tokens. Packed token data has no pads, so the
+    default excludes nothing.
+    """
+    if store.d_in != sae.d_in:
+        raise ValueError(f"store has d_in={store.d_in} but the SAE expects {sae.d_in}; "
+                         "use the SAE trained on this hook")
+    trained_on = sae.metadata.get("hook_name")
+    if trained_on and trained_on != store.hook:
+        raise ValueError(f"the SAE was trained on {trained_on!r} but the store holds {store.hook!r}; "
+                         "use the store captured at the SAE's hook (or the SAE trained on this one)")
+    if store.n_rows == 0:
+        raise ValueError(f"the store at {store.directory} holds no rows; rerun notebook 02")
+    if store.n_rows >= _LOW:
+        raise ValueError(f"{store.n_rows} rows exceed the 2^32 rows a key can number; split the store")
+    device = torch.device(device)
+    sae = sae.to(device).eval()
+    running, excluded = _Running(k, sae.d_sae, device), torch.tensor(sorted(exclude_token_ids or []))
+    index, first_row, n_tokens = {f: [] for f in INDEX_FIELDS}, 0, 0
+    for shard in tqdm(store.iter_shards(), total=len(store.shard_paths()), desc="MAE", disable=not progress):
+        for f in INDEX_FIELDS:
+            index[f].append(shard[f])
+        keep = ~torch.isin(shard["token_id"], excluded.to(torch.int64))  # (rows,) on the CPU
+        n_tokens += int(keep.sum())
+        for start in range(0, len(keep), chunk_rows):
+            x = shard["activations"][start:start + chunk_rows].to(device, torch.float32)  # (rows, d_in)
+            running.finite &= torch.isfinite(x).all()  # checked once per shard: no device sync per chunk
+            h = sae.encode(x)  # (rows, d_sae)
+            if not keep[start:start + chunk_rows].all():
+                h[~keep[start:start + chunk_rows].to(device)] = 0.0
+            running.update(h, first_row)
+            first_row += h.shape[0]
+        if not running.finite:
+            raise ValueError(f"non-finite activations in {store.directory}, shard ending at row {first_row}; "
+                             "the capture is corrupt: delete the store and rerun notebook 02")
+    values, rows = (t.t().contiguous().cpu() for t in _unkey(running.keys))  # (d_sae, k)
+    stats = feature_stats(running.totals, running.counts, values[:, 0], n_tokens)
+    return MAEResult(values, rows, stats, {f: torch.cat(v) for f, v in index.items()}, n_tokens)
+
+
+def top_features(stats: pd.DataFrame, by: str = "total_activation", n: int = 20) -> pd.DataFrame:
+    """The n features with the largest `by` (ties: smaller feature id first)."""
+    if by not in stats.columns:
+        raise ValueError(f"unknown column {by!r}; choose one of {list(stats.columns)}")
+    return stats.sort_values([by, "feature"], ascending=[False, True], kind="stable").head(n)
+
+
+def unembedding(lm) -> torch.Tensor:
+    """(d_model, d_vocab) W_U as seen by the residual stream, final LayerNorm scale included.
+
+    TransformerLens folds ln_final.w into W_U when loaded with fold_ln=True (normalization
+    "LNPre", no `ln_final.w`; it also centres W_U over d_model, which `logit_attribution` makes
+    irrelevant by centring the direction); otherwise we multiply it in here. The per-token 1/norm of LayerNorm
+    is a positive scalar, so it changes no ranking and is left out; ln_final.b adds the same
+    logits whatever the feature, so it is left out too.
+    """
+    W_U = lm.W_U.detach()
+    scale = getattr(getattr(lm, "ln_final", None), "w", None)
+    return scale.detach()[:, None] * W_U if isinstance(scale, torch.Tensor) else W_U
+
+
+def logit_attribution(sae: SAE, unembed: torch.Tensor, feature: int, *, center: bool = True) -> torch.Tensor:
+    """(d_vocab,) direct effect on the logits of one unit of the feature: W_dec[f] @ W_U.
+
+    center: LayerNorm subtracts the mean over d_model first, so the direction's mean component
+    never reaches the logits (exact for LN models such as GPT-2); and softmax ignores a shift of
+    all logits, so the result is centred over the vocabulary too (as TransformerLens'
+    center_unembed would): > 0 promotes a token relative to the average token, < 0 suppresses it.
+    """
+    direction = sae.decoder_weight[feature].detach().to(unembed.device, unembed.dtype)  # (d_in,)
+    if not center:
+        return direction @ unembed
+    logits = (direction - direction.mean()) @ unembed  # (d_vocab,)
+    return logits - logits.mean()
+
+
+def top_logit_tokens(logits: torch.Tensor, tokenizer, n: int = 10) -> pd.DataFrame:
+    """The n most promoted and n most suppressed tokens: columns token_id, token, logit, effect."""
+    n = min(n, len(logits))
+    up, down = logits.topk(n), (-logits).topk(n)
+    ids = torch.cat([up.indices, down.indices]).tolist()
+    return pd.DataFrame({"token_id": ids, "token": [tokenizer.decode([i]) for i in ids],
+                         "logit": torch.cat([up.values, -down.values]).tolist(),
+                         "effect": ["promoted"] * n + ["suppressed"] * n})

@@ -1,0 +1,141 @@
+"""Feature cards: one feature's statistics, highlighted examples and logit attribution together.
+
+    explorer = FeatureExplorer(mae, sae, store, contexts, tokenizer, profile, unembed=unembedding(lm))
+    saelab.feature_card(1234, explorer)      # renders in a notebook (`_repr_html_`)
+
+Contexts are rebuilt from the token rows the store was captured from: the store index gives each
+row's context (a row of `saelab.data.load_tokens(profile, "mae")`) and position in it. Every token
+of the window is shaded by the feature's activation there, re-encoded from the stored activations.
+"""
+
+from __future__ import annotations
+
+import html
+from dataclasses import dataclass, field
+
+import pandas as pd
+import torch
+from safetensors import safe_open
+
+from saelab import plots
+from saelab.analysis import MAEResult, logit_attribution, top_logit_tokens
+from saelab.config import Profile
+from saelab.sae import SAE
+from saelab.store import ActivationStore
+
+
+def read_rows(store: ActivationStore, rows: torch.Tensor) -> torch.Tensor:
+    """(n,) store rows -> (n, d_in) float32 activations, reading only the slices that hold them."""
+    bounds = torch.tensor([0] + [s["rows"] for s in store.manifest["shards"]]).cumsum(0)
+    out = torch.empty(len(rows), store.d_in)
+    shard_of = torch.searchsorted(bounds, rows, right=True) - 1
+    for s in shard_of.unique().tolist():
+        picked = (shard_of == s).nonzero().squeeze(1)
+        local = rows[picked] - bounds[s]
+        lo, hi = int(local.min()), int(local.max()) + 1
+        with safe_open(store.shard_paths()[s], "pt") as shard:
+            block = shard.get_slice("activations")[lo:hi]
+        out[picked] = block[local - lo].float()
+    return out
+
+
+@dataclass
+class FeatureExplorer:
+    """What a feature card needs: the MAE pass, the SAE, its store and the token rows behind it."""
+
+    mae: MAEResult
+    sae: SAE
+    store: ActivationStore
+    contexts: object  # load_tokens(profile, split) (column "input_ids") or a list of token-id lists
+    tokenizer: object  # anything with decode(list[int]) -> str
+    profile: Profile
+    unembed: torch.Tensor | None = None  # (d_in, d_vocab) from analysis.unembedding(lm)
+    device: str = "cpu"
+    window: tuple[int, int] = (12, 4)  # tokens shown before / after the example's token
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    def _context_ids(self, context: int) -> list[int]:
+        row = self.contexts[context]
+        return list(row["input_ids"] if isinstance(row, dict) else row)
+
+    def _context_activations(self, context: int, feature: int) -> dict[int, float]:
+        """{position: activation of `feature`} for every stored row of one context."""
+        index = self.mae.index
+        rows = (index["context"] == context).nonzero().squeeze(1)
+        if (context, "x") not in self._cache:
+            self._cache.clear()  # keep one context's activations: examples come one context at a time
+            self._cache[(context, "x")] = read_rows(self.store, rows)
+        with torch.no_grad():
+            acts = self.sae.to(self.device).encode(self._cache[(context, "x")].to(self.device))[:, feature]
+        return dict(zip(index["position"][rows].tolist(), acts.cpu().tolist(), strict=True))
+
+    def examples(self, feature: int) -> pd.DataFrame:
+        """The feature's top examples: rank, activation, store row, context, position, token."""
+        values, rows = self.mae.values[feature], self.mae.rows[feature]
+        keep = rows >= 0  # -1 = fewer than k activations > 0
+        if keep.any() and int(rows[keep].max()) >= len(self.mae.index["context"]):
+            raise ValueError("an example row lies outside the store index; recompute max_activating")
+        rows = rows[keep]
+        frame = pd.DataFrame({"activation": values[keep].tolist(), "row": rows.tolist(),
+                              **{f: self.mae.index[f][rows].tolist() for f in ("context", "position", "token_id")}})
+        frame["token"] = [self.tokenizer.decode([t]) for t in frame["token_id"]]
+        frame.index.name = "rank"
+        return frame
+
+    def highlight(self, feature: int) -> str:
+        """HTML: each example's window, tokens shaded by the feature's activation, max token boxed."""
+        lines, scale = [], float(self.mae.values[feature, 0])
+        before, after = self.window
+        for ex in self.examples(feature).itertuples():
+            ids = self._context_ids(ex.context)
+            if ids[ex.position] != ex.token_id:
+                raise ValueError(f"context {ex.context} position {ex.position} holds token {ids[ex.position]}, "
+                                 f"the store says {ex.token_id}: the token data changed after capture; "
+                                 "rerun notebook 02")
+            acts = self._context_activations(ex.context, feature)
+            span = range(max(ex.position - before, 0), min(ex.position + after + 1, len(ids)))
+            body = plots.highlight_tokens([self.tokenizer.decode([ids[p]]) for p in span],
+                                          [acts.get(p) for p in span], scale, mark=ex.position - span.start)
+            lines.append(f"<div><code>{ex.activation:8.3f}</code> ctx {ex.context}:{ex.position} &nbsp;{body}</div>")
+        return "\n".join(lines) or "<div><i>never active on this sample</i></div>"
+
+    def logits(self, feature: int, n: int = 10) -> pd.DataFrame | None:
+        if self.unembed is None:
+            return None
+        return top_logit_tokens(logit_attribution(self.sae, self.unembed, feature), self.tokenizer, n)
+
+    def highlight_features(self, features: list[int]) -> str:
+        """HTML for several features, one block each, under a caption naming profile and device."""
+        caption = plots.caption("Max-activating examples", self.profile, self.device)
+        return f"<p><b>{html.escape(caption)}</b></p>" + "\n".join(
+            f"<h4>feature {f}</h4>{self.highlight(f)}" for f in features)
+
+
+@dataclass
+class FeatureCard:
+    feature: int
+    stats: pd.Series
+    examples: pd.DataFrame
+    examples_html: str
+    logits: pd.DataFrame | None
+    caption: str
+
+    def _repr_html_(self) -> str:
+        stats = self.stats.to_frame().T.to_html(float_format=lambda v: f"{v:.4g}")
+        if self.logits is None:
+            logits = "<i>no unembedding given: pass unembed=analysis.unembedding(lm)</i>"
+        else:
+            logits = "".join(self.logits[self.logits.effect == e][["token", "logit"]].to_html(
+                index=False, float_format=lambda v: f"{v:+.3f}") for e in ("promoted", "suppressed"))
+        return (f"<div><h3>Feature {self.feature}</h3><p><small>{html.escape(self.caption)}</small></p>{stats}"
+                f"<h4>Top examples</h4>{self.examples_html}<h4>Logit attribution (promoted | suppressed)</h4>"
+                f"<div style='display:flex;gap:2em'>{logits}</div></div>")
+
+
+def feature_card(feature: int, explorer: FeatureExplorer, n_logits: int = 10) -> FeatureCard:
+    """One feature's stats, top examples (highlighted) and promoted/suppressed tokens."""
+    if not 0 <= feature < explorer.sae.d_sae:
+        raise ValueError(f"feature {feature} out of range: the SAE has {explorer.sae.d_sae} features")
+    return FeatureCard(feature, explorer.mae.stats.loc[feature], explorer.examples(feature),
+                       explorer.highlight(feature), explorer.logits(feature, n_logits),
+                       plots.caption(f"feature {feature}", explorer.profile, explorer.device))

@@ -1,0 +1,97 @@
+"""Training checkpoints without pickle: the SAE folder, Adam's state in safetensors, the rest in JSON.
+
+    <run_dir>/checkpoints/step_00001200/   sae/ (cfg.json + sae_weights.safetensors, SAE.save)
+                                           trainer.safetensors   Adam moments and step counts, and
+                                                                 the loop's running tensors
+                                           state.json            step, epoch, history so far, config
+    <run_dir>/checkpoints/latest.json      {"checkpoint": "step_00001200"}
+
+A checkpoint is written under a temp name and renamed, then `latest.json` is replaced atomically,
+and only then are older checkpoints removed: a crash at any moment leaves the last good one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from saelab.sae import SAE
+
+LATEST = "latest.json"
+
+
+class Checkpoint(NamedTuple):
+    sae: SAE
+    tensors: dict[str, torch.Tensor]  # "adam.<param>.<key>" and the loop's own tensors
+    state: dict  # JSON-able: step, epoch, batch, history rows, config
+
+
+def optimizer_tensors(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    """Adam's per-parameter state (exp_avg, exp_avg_sq, step) as flat named tensors."""
+    return {f"adam.{index}.{key}": value.detach().cpu().contiguous()
+            for index, per_param in optimizer.state_dict()["state"].items()
+            for key, value in per_param.items() if isinstance(value, torch.Tensor)}
+
+
+def restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]) -> None:
+    """Inverse of `optimizer_tensors`; hyper-parameters come from the freshly built optimizer.
+
+    Moment tensors get their parameter's memory layout (strides): fused Adam walks parameter and
+    state memory in step, so a contiguous moment for a transposed parameter would pair wrong elements.
+    """
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for name, value in tensors.items():
+        if name.startswith("adam."):
+            _, index, key = name.split(".", 2)
+            param = params[int(index)]
+            if value.shape == param.shape:
+                value = torch.empty_strided(param.shape, param.stride(), dtype=value.dtype,
+                                            device=value.device).copy_(value)
+            state.setdefault(int(index), {})[key] = value
+    optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
+
+
+def save_checkpoint(directory: str | os.PathLike, sae: SAE, optimizer: torch.optim.Optimizer,
+                    tensors: dict[str, torch.Tensor], state: dict) -> Path:
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    name = f"step_{state['step']:08d}"
+    tmp = directory / (name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    sae.save(tmp / "sae")
+    all_tensors = {**optimizer_tensors(optimizer), **{k: v.detach().cpu().contiguous() for k, v in tensors.items()}}
+    save_file(all_tensors, tmp / "trainer.safetensors")
+    (tmp / "state.json").write_text(json.dumps(state, indent=1))
+    shutil.rmtree(directory / name, ignore_errors=True)
+    os.replace(tmp, directory / name)
+    latest_tmp = directory / (LATEST + ".tmp")
+    latest_tmp.write_text(json.dumps({"checkpoint": name}))
+    os.replace(latest_tmp, directory / LATEST)
+    for old in directory.glob("step_*"):  # only now is the previous checkpoint redundant
+        if old.name != name:
+            shutil.rmtree(old, ignore_errors=True)
+    return directory / name
+
+
+def load_checkpoint(directory: str | os.PathLike, device: str | torch.device = "cpu") -> Checkpoint | None:
+    """The latest checkpoint in `directory`, or None when there is none."""
+    directory = Path(directory)
+    if not (directory / LATEST).is_file():
+        return None
+    folder = directory / json.loads((directory / LATEST).read_text())["checkpoint"]
+    try:
+        sae = SAE.load(folder / "sae", device=device)
+        tensors = load_file(folder / "trainer.safetensors", device=str(device))
+        state = json.loads((folder / "state.json").read_text())
+    except (OSError, ValueError, SafetensorError) as err:
+        raise ValueError(f"the checkpoint {folder} is damaged ({err}); delete {directory} to train "
+                         "from scratch (resume=False)") from err
+    return Checkpoint(sae, tensors, state)

@@ -1,0 +1,122 @@
+"""Evaluation metrics as small pure functions; each docstring is the formula.
+
+Shapes: x, x_hat (tokens, d_in); h (tokens, d_sae). `ce_loss_recovered` takes the language model
+as an argument (it never imports one), so this module stays on floor 1.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def l0(h: torch.Tensor) -> torch.Tensor:
+    """Mean over tokens of the number of non-zero latents:  E_tokens ||h||_0."""
+    return torch.count_nonzero(h, dim=-1).float().mean()
+
+
+def fvu(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
+    """Fraction of variance unexplained  E||x - x_hat||^2 / E||x - E[x]||^2.
+
+    Numerator and denominator are each averaged over all tokens, then divided (not a per-token
+    ratio averaged afterwards, which over-weights low-norm tokens). 1 - fvu = explained variance.
+    """
+    return (x - x_hat).pow(2).sum(-1).mean() / (x - x.mean(0)).pow(2).sum(-1).mean()
+
+
+def normalised_mse(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
+    """E||x - x_hat||^2 / E||x||^2: the error relative to reconstructing zero (cf. FVU: the mean)."""
+    return (x - x_hat).pow(2).sum(-1).mean() / x.pow(2).sum(-1).mean()
+
+
+def feature_density(h: torch.Tensor) -> torch.Tensor:
+    """(d_sae,) fraction of tokens on which each latent is non-zero."""
+    return torch.count_nonzero(h, dim=0).float() / h.shape[0]
+
+
+def dead_fraction(density: torch.Tensor) -> torch.Tensor:
+    """Share of latents that never fired on the evaluated tokens (density == 0)."""
+    return (density == 0).float().mean()
+
+
+def dense_fraction(density: torch.Tensor, threshold: float = 0.1) -> torch.Tensor:
+    """Share of latents firing on more than `threshold` of tokens (too dense to be interpretable)."""
+    return (density > threshold).float().mean()
+
+
+def log10_density(density: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
+    """log10(density + eps) per latent, the x-axis of the usual feature-density histogram;
+    dead latents land at log10(eps) = -10."""
+    return torch.log10(density + eps)
+
+
+def reconstruction_metrics(x: torch.Tensor, x_hat: torch.Tensor, h: torch.Tensor) -> dict[str, float]:
+    """All the activation-only metrics for one batch of tokens, as plain floats for a table."""
+    density = feature_density(h)
+    return {"l0": l0(h).item(), "fvu": fvu(x, x_hat).item(), "normalised_mse": normalised_mse(x, x_hat).item(),
+            "dead_fraction": dead_fraction(density).item(), "dense_fraction": dense_fraction(density).item()}
+
+
+@torch.no_grad()
+def evaluate_sae(sae, activations: torch.Tensor, batch_size: int = 4096) -> dict:
+    """`reconstruction_metrics` over all rows of `activations`, batch by batch (never all of h at
+    once), with the same separate averaging; adds "density" (d_sae,) for the histogram."""
+    device = next(sae.parameters()).device
+    sse = x_sq = 0.0
+    x_sum = torch.zeros(activations.shape[1], dtype=torch.float64, device=device)
+    fired = torch.zeros(sae.d_sae, dtype=torch.int64, device=device)
+    for batch in activations.split(batch_size):
+        x = batch.to(device, torch.float32)
+        x_hat, h = sae(x)
+        sse += (x - x_hat).double().pow(2).sum().item()
+        x_sq += x.double().pow(2).sum().item()
+        x_sum += x.double().sum(0)
+        fired += torch.count_nonzero(h, dim=0)
+    n = activations.shape[0]
+    density = fired.cpu().double() / n
+    variance = x_sq - x_sum.pow(2).sum().item() / n  # sum ||x - mean||^2
+    return {"l0": density.sum().item(), "fvu": sse / variance, "normalised_mse": sse / x_sq,
+            "dead_fraction": dead_fraction(density).item(), "dense_fraction": dense_fraction(density).item(),
+            "density": density}
+
+
+@torch.no_grad()
+def ce_loss_recovered(lm, sae, tokens: torch.Tensor, hook: str, batch_size: int = 8,
+                      skip_first_position: bool = True) -> dict[str, float]:
+    """Splice the SAE's reconstruction into `lm` (a TransformerLens HookedTransformer) at `hook`:
+
+        recovered = (CE_zero - CE_sae) / (CE_zero - CE_clean)
+
+    CE is next-token cross-entropy averaged over all predicted tokens of `tokens` (contexts, pos);
+    CE_zero replaces the activation by zeros. Also KL(clean || spliced) per token, for both.
+    With `skip_first_position`, position 0 (BOS) keeps its clean activation in both ablations,
+    matching an SAE trained without position 0 (profile.exclude_first_position).
+    """
+    device = next(lm.parameters()).device
+    start = 1 if skip_first_position else 0
+    sums = {"ce_clean": 0.0, "ce_sae": 0.0, "ce_zero": 0.0, "kl_sae": 0.0, "kl_zero": 0.0}
+    n_tokens = 0
+    for batch in tokens.split(batch_size):
+        batch = batch.to(device)
+
+        def splice(act, hook, fn):  # act (batch, pos, d_in)
+            act[:, start:] = fn(act[:, start:])
+            return act
+
+        clean = lm(batch).log_softmax(-1)  # (batch, pos, vocab)
+        spliced = {
+            "sae": lm.run_with_hooks(batch, fwd_hooks=[(hook, lambda a, hook: splice(a, hook, lambda v: sae(
+                v.float()).x_hat.to(v.dtype)))]).log_softmax(-1),
+            "zero": lm.run_with_hooks(batch, fwd_hooks=[(hook, lambda a, hook: splice(
+                a, hook, torch.zeros_like))]).log_softmax(-1),
+        }
+        targets = batch[:, 1:, None]  # (batch, pos - 1, 1): next tokens
+        sums["ce_clean"] += -clean[:, :-1].gather(-1, targets).sum().item()
+        for name, logp in spliced.items():
+            sums[f"ce_{name}"] += -logp[:, :-1].gather(-1, targets).sum().item()
+            sums[f"kl_{name}"] += (clean.exp() * (clean - logp)).sum(-1)[:, :-1].sum().item()
+        n_tokens += targets.numel()
+    if n_tokens == 0:
+        raise ValueError("tokens must hold at least one context of 2 or more positions")
+    out = {name: total / n_tokens for name, total in sums.items()}
+    out["ce_loss_recovered"] = (out["ce_zero"] - out["ce_sae"]) / (out["ce_zero"] - out["ce_clean"])
+    return out

@@ -1,0 +1,174 @@
+"""Figure builders and `save_figure`: every figure names its profile and device.
+
+Builders take plain numbers (arrays, DataFrames) and return a `plotly.graph_objects.Figure`;
+notebooks display it and call `save_figure(fig, profile, "04_name")`, which writes
+`figures/<profile>/04_name.html` (+ `.png` when a static exporter works). Names follow
+`NN_name`, NN = the notebook that made the figure.
+
+HTML files load plotly.js from plotly's CDN (`include_plotlyjs="cdn"`, pinned to the installed
+plotly's bundle version): each file stays ~10 KB instead of ~4.6 MB, so figures can be committed.
+Pass `plotlyjs="directory"` to write `plotly.min.js` once beside the figures instead, for viewing
+without a network. PNGs need kaleido>=1 (a dev extra) and a Chrome/Chromium (Debian:
+`apt-get install chromium`, or `plotly_get_chrome`); without them a one-line warning is printed.
+"""
+
+from __future__ import annotations
+
+import atexit
+import html
+import re
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+
+from saelab import paths
+from saelab.config import Profile, default_device
+
+OFFLINE_NOTE = "offline profile: random-weight model, NOT GPT-2"
+_png_state: dict[str, object] = {"warned": False, "server": False}
+
+
+def _origin(profile: Profile, device: str | None) -> str:
+    origin = f"profile {profile.name}, {profile.model_name}, on {device or default_device()}"
+    return f"{origin} · {OFFLINE_NOTE}" if profile.is_offline else origin
+
+
+def caption(text: str, profile: Profile, device: str | None = None) -> str:
+    """Plain text: '<text> — profile <name>, <model>, on <device>' (+ the offline note)."""
+    return f"{text} — {_origin(profile, device)}"
+
+
+def figure_title(text: str, profile: Profile, device: str | None = None) -> str:
+    """Plotly title: the text, then profile, model, device (and offline note) on a smaller line."""
+    return f"{text}<br><sup>{_origin(profile, device)}</sup>"
+
+
+def _figure_stem(name: str) -> str:
+    stem = name.removesuffix(".html").removesuffix(".png")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", stem):
+        raise ValueError(f"figure name {name!r}: use letters, digits, '_', '-' (e.g. '04_feature_density')")
+    return stem
+
+
+def _write_png(fig: go.Figure, path: Path) -> bool:
+    """PNG through kaleido; any failure (no kaleido, no Chrome) is one warning per session."""
+    try:
+        import kaleido
+
+        if not _png_state["server"]:  # one Chrome for the whole session: ~0.2 s per PNG instead of ~3 s
+            kaleido.start_sync_server(silence_warnings=True)
+            atexit.register(kaleido.stop_sync_server, silence_warnings=True)
+            _png_state["server"] = True
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "kopts ignored when using a server"
+            fig.write_image(path, scale=2)
+        return True
+    except Exception as err:  # any exporter failure: a missing exporter must never fail a notebook
+        if not _png_state["warned"]:
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            warnings.warn(f"PNG export unavailable ({type(err).__name__}: {reason[:120]}); HTML only. "
+                          "For PNGs: pip install 'kaleido>=1' and install Chrome/Chromium.", stacklevel=3)
+            _png_state["warned"] = True
+        return False
+
+
+def save_figure(fig: go.Figure, profile: Profile, name: str, *, plotlyjs: str = "cdn",
+                png: bool = True) -> list[Path]:
+    """Write figures/<profile>/<name>.html (and .png when possible); returns the paths written."""
+    out = paths.figures_dir(profile)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = _figure_stem(name)
+    written = [out / f"{stem}.html"]
+    # a fixed div id (plotly draws a random one) keeps a rerun with the same numbers byte-identical
+    fig.write_html(written[0], include_plotlyjs=plotlyjs, full_html=True, div_id=stem)
+    if png and _write_png(fig, out / f"{stem}.png"):
+        written.append(out / f"{stem}.png")
+    return written
+
+
+def save_html(body: str, profile: Profile, name: str, title: str) -> Path:
+    """Write a non-plotly HTML fragment (e.g. highlighted examples) as a standalone page."""
+    out = paths.figures_dir(profile)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{_figure_stem(name)}.html"
+    page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title></head>"
+            f"<body style='font-family:sans-serif'><h2>{html.escape(title)}</h2>{body}</body></html>")
+    path.write_text(page, encoding="utf-8")
+    return path
+
+
+# ---------------------------------------------------------------- builders
+
+
+def density_histogram(frequency: np.ndarray, profile: Profile, device: str | None = None, *,
+                      dense_threshold: float = 0.1, bins: int = 50) -> go.Figure:
+    """Histogram of log10(firing frequency) per feature; dead (never fired) and dense counted.
+
+    frequency: (d_sae,) fraction of tokens on which each feature fired.
+    """
+    frequency = np.asarray(frequency, dtype=float)
+    alive = frequency[frequency > 0]
+    dead, dense = int((frequency == 0).sum()), int((frequency > dense_threshold).sum())
+    fig = go.Figure(go.Histogram(x=np.log10(alive), nbinsx=bins, marker_color="#4C78A8", name="features"))
+    fig.add_vline(x=np.log10(dense_threshold), line_dash="dash", line_color="#E45756",
+                  annotation_text=f"dense (> {dense_threshold:g}): {dense}", annotation_position="top left")
+    fig.update_layout(
+        title=figure_title(f"Feature density: {len(frequency):,} features, dead (never fired): {dead:,}",
+                           profile, device),
+        xaxis_title="log10(firing frequency)", yaxis_title="features", bargap=0.05, showlegend=False)
+    return fig
+
+
+def top_features_bar(stats: pd.DataFrame, profile: Profile, device: str | None = None, *,
+                     by: str = "total_activation", n: int = 20) -> go.Figure:
+    """Bar chart of the n features with the largest `by` column (stats indexed by feature)."""
+    top = stats.nlargest(n, by)
+    fig = go.Figure(go.Bar(x=[f"f{i}" for i in top.index], y=top[by], marker_color="#4C78A8",
+                           customdata=top[["frequency", "max_activation"]].to_numpy(),
+                           hovertemplate="%{x}<br>%{y:.4g}<br>freq %{customdata[0]:.3g}"
+                                         "<br>max %{customdata[1]:.3g}<extra></extra>"))
+    fig.update_layout(title=figure_title(f"Top {len(top)} features by {by.replace('_', ' ')}", profile, device),
+                      xaxis_title="feature", yaxis_title=by.replace("_", " "))
+    return fig
+
+
+def logit_attribution_bar(table: pd.DataFrame, feature: int, profile: Profile,
+                          device: str | None = None) -> go.Figure:
+    """Horizontal bars of the tokens a feature promotes (>0) and suppresses (<0).
+
+    table: columns "token" and "logit" (one row per token), as `analysis.logit_attribution`.
+    """
+    table = table.sort_values("logit")
+    colours = np.where(table["logit"] > 0, "#54A24B", "#E45756")
+    labels = [repr(t) for t in table["token"]]
+    if "token_id" in table:  # distinct tokens can print alike (e.g. partial UTF-8 bytes as '�')
+        labels = [f"{label} #{i}" for label, i in zip(labels, table["token_id"], strict=True)]
+    fig = go.Figure(go.Bar(x=table["logit"], y=labels, orientation="h", marker_color=colours))
+    fig.update_layout(title=figure_title(f"Feature {feature}: direct logit attribution W_dec[f] @ W_U",
+                                         profile, device),
+                      xaxis_title="logit change per unit activation", yaxis_title="token",
+                      height=max(300, 22 * len(table) + 120))
+    return fig
+
+
+def highlight_tokens(tokens: list[str], activations: list[float | None], scale: float,
+                     mark: int | None = None) -> str:
+    """One line of HTML: each token shaded by activation / scale, token `mark` boxed.
+
+    Text is HTML-escaped (a "<script>" token shows as text); newlines show as "↵". A None
+    activation (a position the store does not hold, e.g. position 0) is left unshaded, grey.
+    """
+    spans = []
+    for i, (token, act) in enumerate(zip(tokens, activations, strict=True)):
+        text = html.escape(token.replace("\n", "↵"))
+        if act is None:
+            spans.append(f"<span style='color:#999' title='not captured'>{text}</span>")
+            continue
+        alpha = min(max(act / scale, 0.0), 1.0) if scale > 0 else 0.0
+        border = "border:2px solid #d62728;font-weight:bold;" if i == mark else ""
+        spans.append(f"<span style='background:rgba(255,127,14,{alpha:.2f});{border}' "
+                     f"title='{act:.4g}'>{text}</span>")
+    return "<span style='white-space:pre-wrap;font-family:monospace'>" + "".join(spans) + "</span>"

@@ -1,0 +1,156 @@
+"""Streaming MAE against brute force on small stores written here."""
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from saelab.analysis import logit_attribution, max_activating, top_features, top_logit_tokens, unembedding
+from saelab.sae import SAE
+from saelab.store import StoreWriter
+
+PAD = 99
+
+
+def write_store(path, x, shard_sizes, token_ids=None):
+    """A store of x (rows, d_in) split into shards; contexts of 4 rows, positions 1..4."""
+    rows = x.shape[0]
+    token_ids = torch.arange(rows) % 50 if token_ids is None else token_ids
+    index = {"context": torch.arange(rows) // 4, "position": torch.arange(rows) % 4 + 1, "token_id": token_ids}
+    writer = StoreWriter(path, model_name="test", hook="blocks.0.hook_resid_pre", d_in=x.shape[1], dtype="float32")
+    start = 0
+    for size in shard_sizes:
+        writer.add_shard(x[start:start + size], {k: v[start:start + size] for k, v in index.items()}, contexts=1)
+        start += size
+    assert start == rows
+    return writer.finish()
+
+
+def identity_sae(d):
+    """h = relu(x): activations equal the stored values, so ties are easy to build."""
+    sae = SAE(d, d)
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.eye(d))
+        sae.b_enc.zero_()
+    return sae
+
+
+def brute_force(h, k):
+    """Per feature: rows sorted by (activation desc, row asc), keeping activations > 0."""
+    values, rows = torch.zeros(h.shape[1], k), torch.full((h.shape[1], k), -1)
+    for f in range(h.shape[1]):
+        order = sorted(range(h.shape[0]), key=lambda r: (-h[r, f].item(), r))
+        picked = [r for r in order if h[r, f] > 0][:k]
+        values[f, :len(picked)], rows[f, :len(picked)] = h[picked, f], torch.tensor(picked, dtype=torch.long)
+    return values, rows
+
+
+@pytest.mark.parametrize("chunk_rows", [3, 7, 1000])
+def test_streaming_top_k_equals_brute_force_with_ties(tmp_path, chunk_rows):
+    x = torch.randint(-1, 3, (40, 5)).float()  # values in {-1, 0, 1, 2}: many ties and zeros
+    store = write_store(tmp_path / "s", x, [13, 8, 19])
+    mae = max_activating(identity_sae(5), store, k=4, chunk_rows=chunk_rows, progress=False)
+    values, rows = brute_force(torch.relu(x), 4)
+    assert torch.equal(mae.rows, rows)  # smaller row wins every tie, whatever the chunking
+    assert torch.equal(mae.values, values)
+
+
+def test_streaming_top_k_random_sae_and_fewer_examples_than_k(tmp_path):
+    x = torch.randn(30, 6)
+    sae = SAE(6, 16)
+    store = write_store(tmp_path / "s", x, [10, 10, 10])
+    mae = max_activating(sae, store, k=8, chunk_rows=4, progress=False)
+    h = sae.encode(x).detach()
+    values, rows = brute_force(h, 8)
+    assert torch.equal(mae.rows, rows) and torch.allclose(mae.values, values)
+    assert ((mae.rows >= -1) & (mae.rows < store.n_rows)).all()  # never a row outside the store
+
+
+def test_feature_stats_equal_brute_force(tmp_path):
+    x = torch.randn(25, 4)
+    sae = SAE(4, 8)
+    mae = max_activating(sae, write_store(tmp_path / "s", x, [9, 16]), k=2, chunk_rows=5, progress=False)
+    h = sae.encode(x).detach().double()
+    stats = mae.stats
+    assert mae.n_tokens == 25
+    assert torch.allclose(torch.tensor(stats["total_activation"].values), h.sum(0))
+    assert stats["n_active"].tolist() == (h > 0).sum(0).tolist()
+    assert torch.allclose(torch.tensor(stats["frequency"].values), (h > 0).double().mean(0))
+    assert torch.allclose(torch.tensor(stats["max_activation"].values), h.max(0).values)
+    for f in range(8):
+        active = h[:, f][h[:, f] > 0]
+        expected = active.mean().item() if len(active) else math.nan
+        assert stats["mean_when_active"][f] == pytest.approx(expected, nan_ok=True)
+
+
+def test_excluded_pad_rows_are_never_examples_nor_counted(tmp_path):
+    x = torch.rand(20, 3) + 0.1
+    x[::3] += 10.0  # the pad rows would dominate every feature's top-k
+    token_ids = torch.arange(20) % 7
+    token_ids[::3] = PAD
+    store = write_store(tmp_path / "s", x, [20], token_ids)
+    mae = max_activating(identity_sae(3), store, k=3, exclude_token_ids={PAD}, progress=False)
+    picked = mae.rows[mae.rows >= 0]
+    assert len(picked) == 9 and not (mae.index["token_id"][picked] == PAD).any()
+    keep = token_ids != PAD
+    assert mae.n_tokens == int(keep.sum())
+    assert torch.allclose(torch.tensor(mae.stats["total_activation"].values), x[keep].double().sum(0))
+
+
+def test_bad_input_gets_a_clear_error(tmp_path):
+    store = write_store(tmp_path / "s", torch.randn(8, 3), [8])
+    with pytest.raises(ValueError, match="d_in=3"):
+        max_activating(SAE(4, 8), store, progress=False)
+    with pytest.raises(ValueError, match="trained on 'blocks.7.hook_resid_pre'"):
+        max_activating(SAE(3, 8, metadata={"hook_name": "blocks.7.hook_resid_pre"}), store, progress=False)
+    x = torch.randn(8, 3)
+    x[5, 1] = float("nan")
+    with pytest.raises(ValueError, match="non-finite"):
+        max_activating(SAE(3, 8), write_store(tmp_path / "nan", x, [8]), progress=False)
+
+
+def test_top_features_orders_by_column_then_feature_id(tmp_path):
+    x = torch.tensor([[1.0, 2.0, 2.0, 0.5]])
+    mae = max_activating(identity_sae(4), write_store(tmp_path / "s", x, [1]), k=1, progress=False)
+    assert top_features(mae.stats, n=3).index.tolist() == [1, 2, 0]
+    with pytest.raises(ValueError, match="unknown column"):
+        top_features(mae.stats, by="nope")
+
+
+def test_logit_attribution_by_hand():
+    sae = SAE(2, 1, tied=False)
+    with torch.no_grad():
+        sae.W_dec.copy_(torch.tensor([[1.0, 3.0]]))
+    W_U = torch.tensor([[1.0, 0.0, 2.0], [0.0, 1.0, -1.0]])  # (d_in, d_vocab)
+    # centred direction [-1, 1]: logits [-1, 1, -3], minus their mean -1: [0, 2, -2]; uncentred [1, 3]: [1, 3, -1]
+    assert torch.equal(logit_attribution(sae, W_U, 0), torch.tensor([0.0, 2.0, -2.0]))
+    assert torch.equal(logit_attribution(sae, W_U, 0, center=False), torch.tensor([1.0, 3.0, -1.0]))
+    lm = SimpleNamespace(W_U=W_U, ln_final=SimpleNamespace(w=torch.tensor([2.0, 0.5])))
+    assert torch.equal(unembedding(lm), torch.tensor([[2.0, 0.0, 4.0], [0.0, 0.5, -0.5]]))
+    folded = SimpleNamespace(W_U=W_U, ln_final=SimpleNamespace())  # TransformerLens LNPre: no w
+    assert torch.equal(unembedding(folded), W_U)
+    tokenizer = SimpleNamespace(decode=lambda ids: "abc"[ids[0]])
+    table = top_logit_tokens(torch.tensor([-1.0, 1.0, -3.0]), tokenizer, n=1)
+    assert table[["token", "logit", "effect"]].values.tolist() == [["b", 1.0, "promoted"], ["c", -3.0, "suppressed"]]
+
+
+def test_logit_attribution_is_the_same_with_ln_final_folded_or_not():
+    """TransformerLens folds ln_final.w into W_U (fold_ln=True, as saelab.lm loads GPT-2) and centres
+    W_U over d_model; unfolded, unembedding() multiplies the scale in. With the direction centred as
+    LayerNorm centres it, both give the same attribution."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from saelab.lm import LM_SETTINGS, hooked_from_hf
+
+    hf = GPT2LMHeadModel(GPT2Config(vocab_size=40, n_positions=8, n_embd=16, n_layer=1, n_head=2)).eval()
+    with torch.no_grad():
+        hf.transformer.ln_f.weight.copy_(torch.rand(16) + 0.5)  # a scale that is not all ones
+    folded = hooked_from_hf(hf)
+    unfolded = hooked_from_hf(hf, settings={**LM_SETTINGS, "fold_ln": False})
+    assert not hasattr(folded.ln_final, "w") and hasattr(unfolded.ln_final, "w")
+    sae = SAE(16, 4)
+    for f in range(4):
+        expected = logit_attribution(sae, unembedding(unfolded), f)
+        assert torch.allclose(logit_attribution(sae, unembedding(folded), f), expected, atol=1e-6)
+        assert not torch.allclose(logit_attribution(sae, unfolded.W_U, f), expected, atol=1e-4)  # scale matters

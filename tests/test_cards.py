@@ -1,0 +1,77 @@
+"""Feature cards rebuild each example's context from the token rows behind the store."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from saelab.analysis import max_activating
+from saelab.cards import FeatureExplorer, feature_card, read_rows
+from saelab.config import load_profile
+from saelab.sae import SAE
+from saelab.store import StoreWriter
+
+VOCAB = ["<script>", " a", " b", " c", "\n", " d"]
+
+
+def build(tmp_path, contexts, exclude_first=True):
+    """Store one row per (context, position >= 1) with x = one-hot of the token id."""
+    writer = StoreWriter(tmp_path / "s", model_name="test", hook="blocks.0.hook_resid_pre", d_in=len(VOCAB),
+                         dtype="float32")
+    for c, ids in enumerate(contexts):  # one shard per context, as capture writes them in order
+        positions = torch.arange(1 if exclude_first else 0, len(ids))
+        tokens = torch.tensor(ids)[positions]
+        writer.add_shard(torch.eye(len(VOCAB))[tokens] * (1 + positions[:, None].float()),
+                         {"context": torch.full_like(positions, c), "position": positions, "token_id": tokens},
+                         contexts=1)
+    store = writer.finish()
+    sae = SAE(len(VOCAB), len(VOCAB))
+    with torch.no_grad():  # feature f = "token f is here", scaled by position + 1
+        sae.W_enc.copy_(torch.eye(len(VOCAB)))
+        sae.b_enc.zero_()
+    tokenizer = SimpleNamespace(decode=lambda ids: "".join(VOCAB[i] for i in ids))
+    mae = max_activating(sae, store, k=2, progress=False)
+    return FeatureExplorer(mae, sae, store, contexts, tokenizer, load_profile("offline"), window=(2, 1))
+
+
+def test_read_rows_reads_across_shards(tmp_path):
+    explorer = build(tmp_path, [[1, 2, 3], [4, 5, 1]])
+    rows = torch.tensor([3, 0, 2])
+    assert torch.equal(read_rows(explorer.store, rows), explorer.store.activations()[rows])
+
+
+def test_examples_map_rows_to_context_and_position(tmp_path):
+    explorer = build(tmp_path, [[1, 2, 3, 2], [4, 2, 1, 5]])
+    ex = explorer.examples(2)  # token 2 at (0,1) act 2, (0,3) act 4, (1,1) act 2: top 2 = (0,3), (0,1)
+    assert ex[["context", "position", "activation"]].values.tolist() == [[0, 3, 4.0], [0, 1, 2.0]]
+    assert explorer.examples(0).empty  # token 0 never occurs: no example, not a fake one
+
+
+def test_highlighted_context_escapes_script_tokens_and_marks_max(tmp_path):
+    explorer = build(tmp_path, [[4, 0, 3, 1], [2, 2, 2, 2]])  # "\n<script> c a"
+    out = explorer.highlight(0)
+    assert "<script>" not in out and "&lt;script&gt;" in out
+    assert "not captured" in out  # position 0 is not in the store: shown, unshaded
+    assert out.count("border:2px") == 1
+
+
+def test_feature_card_renders_and_checks_its_input(tmp_path):
+    explorer = build(tmp_path, [[1, 2, 3, 4], [3, 3, 5, 1]])
+    explorer.unembed = torch.eye(len(VOCAB))
+    card = feature_card(3, explorer)
+    page = card._repr_html_()
+    assert "Feature 3" in page and "offline" in page and "random-weight" in page
+    assert card.logits.iloc[0]["token"] == " c"  # feature 3's direction promotes token 3 most
+    with pytest.raises(ValueError, match="out of range"):
+        feature_card(99, explorer)
+    explorer.contexts = [[1, 2, 3, 4], [3, 1, 5, 1]]  # token data changed after capture
+    with pytest.raises(ValueError, match="changed after capture"):
+        explorer.highlight(3)
+
+
+def test_public_names_resolve_lazily():
+    import saelab
+    from saelab import analysis, plots
+
+    assert saelab.feature_card is feature_card and saelab.FeatureExplorer is FeatureExplorer
+    assert saelab.max_activating is analysis.max_activating and saelab.save_figure is plots.save_figure

@@ -1,0 +1,98 @@
+import math
+
+import pytest
+import torch
+from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+from saelab.metrics import (
+    ce_loss_recovered,
+    dead_fraction,
+    dense_fraction,
+    evaluate_sae,
+    feature_density,
+    fvu,
+    l0,
+    log10_density,
+    normalised_mse,
+    reconstruction_metrics,
+)
+from saelab.sae import SAE
+
+X = torch.tensor([[1.0, 0.0], [3.0, 0.0]])  # mean [2, 0]; squared distances to it: 1, 1
+X_HAT = torch.tensor([[1.0, 0.0], [1.0, 0.0]])  # squared errors per token: 0, 4
+H = torch.tensor([[0.0, 2.0, 0.0, 0.0], [1.0, 3.0, 0.0, 0.0]])
+
+
+def test_l0_by_hand():
+    assert l0(H).item() == 1.5
+
+
+def test_fvu_averages_numerator_and_denominator_separately():
+    assert fvu(X, X_HAT).item() == 4 / 2 / (2 / 2)  # E||x - x_hat||^2 = 2, E||x - mean||^2 = 1
+    x = torch.tensor([[0.0], [10.0]])  # per-token ratios would weight the low-norm token's error far more
+    x_hat = torch.tensor([[1.0], [10.0]])
+    assert fvu(x, x_hat).item() == pytest.approx(0.5 / 25)  # per-token ratios: inf
+    assert fvu(x, x).item() == 0.0
+
+
+def test_normalised_mse_by_hand():
+    assert normalised_mse(X, X_HAT).item() == pytest.approx(2 / 5)  # E||x||^2 = (1 + 9) / 2
+
+
+def test_density_dead_dense_by_hand():
+    density = feature_density(H)
+    assert density.tolist() == [0.5, 1.0, 0.0, 0.0]
+    assert dead_fraction(density).item() == 0.5
+    assert dense_fraction(density, threshold=0.6).item() == 0.25
+    assert torch.allclose(log10_density(density), torch.tensor([math.log10(0.5), 0.0, -10.0, -10.0]))
+
+
+@pytest.fixture(scope="module")
+def tiny_lm() -> HookedTransformer:
+    torch.manual_seed(0)
+    cfg = HookedTransformerConfig(n_layers=2, d_model=8, n_ctx=6, d_head=4, n_heads=2, d_vocab=11,
+                                  act_fn="gelu", normalization_type="LN", seed=0)
+    return HookedTransformer(cfg).eval()
+
+
+def identity_sae(d: int) -> SAE:
+    """relu(x) - relu(-x) = x: the SAE reconstructs exactly."""
+    sae = SAE(d, 2 * d, tied=False)
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.cat([torch.eye(d), -torch.eye(d)], dim=1))
+        sae.b_enc.zero_()
+        sae.b_dec.zero_()
+        sae.W_dec.copy_(torch.cat([torch.eye(d), -torch.eye(d)], dim=0))
+    return sae
+
+
+def zero_sae(d: int) -> SAE:
+    sae = SAE(d, 4, tied=True)
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.zero_()
+    return sae
+
+
+@pytest.mark.parametrize("skip_first", [True, False])
+def test_ce_loss_recovered_is_one_for_a_perfect_sae_and_zero_for_zero(tiny_lm, skip_first):
+    tokens = torch.randint(0, 11, (5, 6), generator=torch.Generator().manual_seed(0))
+    hook = "blocks.1.hook_resid_pre"
+    perfect = ce_loss_recovered(tiny_lm, identity_sae(8), tokens, hook, batch_size=2, skip_first_position=skip_first)
+    assert math.isclose(perfect["ce_clean"], tiny_lm(tokens, return_type="loss").item(), rel_tol=1e-5)
+    assert math.isclose(perfect["ce_sae"], perfect["ce_clean"], rel_tol=1e-5)
+    assert math.isclose(perfect["ce_loss_recovered"], 1.0, abs_tol=1e-3)
+    assert abs(perfect["kl_sae"]) < 1e-5 and perfect["kl_zero"] > 0
+    zero = ce_loss_recovered(tiny_lm, zero_sae(8), tokens, hook, batch_size=2, skip_first_position=skip_first)
+    assert zero["ce_sae"] == zero["ce_zero"] and zero["ce_loss_recovered"] == 0.0
+
+
+def test_evaluate_sae_in_batches_equals_the_one_batch_formulas():
+    sae = SAE(4, 6)
+    x = torch.randn(10, 4) + 2
+    out = sae(x)
+    whole = reconstruction_metrics(x, out.x_hat, out.h)
+    batched = evaluate_sae(sae, x, batch_size=3)
+    for name, value in whole.items():
+        assert batched[name] == pytest.approx(value, rel=1e-5), name
+    assert torch.allclose(batched["density"], feature_density(out.h).double())

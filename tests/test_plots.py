@@ -1,0 +1,72 @@
+"""Figure builders name profile and device; save_figure writes small HTML, PNG optional."""
+
+import sys
+import types
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+import pytest
+
+from saelab import paths, plots
+from saelab.config import load_profile
+
+
+@pytest.fixture
+def fresh_png_state(monkeypatch):
+    monkeypatch.setattr(plots, "_png_state", {"warned": False, "server": False})
+
+
+def test_titles_name_profile_device_and_offline_origin():
+    offline, gpt2 = load_profile("offline"), load_profile("gpt2")
+    title = plots.figure_title("Density", offline, "cpu")
+    assert "offline" in title and "cpu" in title and "random-weight" in title and "NOT GPT-2" in title
+    assert "random-weight" not in plots.figure_title("Density", gpt2, "cuda")
+    fig = plots.density_histogram(np.array([0.0, 0.0, 0.5, 0.01, 0.2]), offline, "cpu", dense_threshold=0.1)
+    assert "dead (never fired): 2" in fig.layout.title.text and "offline" in fig.layout.title.text
+    assert fig.data[0].x.tolist() == pytest.approx(np.log10([0.5, 0.01, 0.2]).tolist())  # dead left out
+    assert "dense (> 0.1): 2" in fig.layout.annotations[0].text
+
+
+def test_save_figure_writes_small_html_and_warns_once_without_png(monkeypatch, fresh_png_state):
+    monkeypatch.setitem(sys.modules, "kaleido", None)  # as if kaleido were not installed
+    profile = load_profile("offline")
+    fig = go.Figure(go.Bar(x=[1, 2], y=[3, 4]))
+    with pytest.warns(UserWarning, match="PNG export unavailable") as caught:
+        first = plots.save_figure(fig, profile, "04_test")
+        second = plots.save_figure(fig, profile, "04_again.html")
+    assert len(caught) == 1  # one line per session, not one per figure
+    assert first == [paths.figures_dir(profile) / "04_test.html"]
+    assert second == [paths.figures_dir(profile) / "04_again.html"]
+    text = first[0].read_text()
+    assert "cdn.plot.ly" in text and first[0].stat().st_size < 50_000  # plotly.js not embedded
+    with pytest.raises(ValueError, match="figure name"):
+        plots.save_figure(fig, profile, "../escape")
+
+
+def test_save_figure_writes_png_when_an_exporter_works(monkeypatch, fresh_png_state):
+    fake = types.SimpleNamespace(start_sync_server=lambda **kw: None, stop_sync_server=lambda **kw: None)
+    monkeypatch.setitem(sys.modules, "kaleido", fake)
+    monkeypatch.setattr(go.Figure, "write_image", lambda self, path, **kw: open(path, "wb").write(b"png"))
+    written = plots.save_figure(go.Figure(), load_profile("offline"), "04_png")
+    assert [p.suffix for p in written] == [".html", ".png"] and written[1].read_bytes() == b"png"
+
+
+def test_highlight_escapes_text_and_marks_the_max_token():
+    out = plots.highlight_tokens(["<script>", "alert(1)", "</script>", "\n"], [0.5, 2.0, None, 0.0], 2.0, mark=1)
+    assert "<script>" not in out and "&lt;script&gt;" in out and "&lt;/script&gt;" in out
+    assert "↵" in out and "not captured" in out
+    assert out.count("border:2px") == 1 and "rgba(255,127,14,1.00);border" in out
+
+
+def test_bar_builders_title_and_order():
+    profile = load_profile("offline")
+    stats = pd.DataFrame({"total_activation": [1.0, 5.0, 3.0], "frequency": [0.1, 0.2, 0.3],
+                          "max_activation": [1.0, 2.0, 3.0]})
+    fig = plots.top_features_bar(stats, profile, "cpu", n=2)
+    assert list(fig.data[0].x) == ["f1", "f2"] and "profile offline" in fig.layout.title.text
+    table = pd.DataFrame({"token": ["a", "b"], "logit": [0.5, -0.2]})
+    fig = plots.logit_attribution_bar(table, 3, profile, "cpu")
+    assert list(fig.data[0].y) == ["'b'", "'a'"] and "Feature 3" in fig.layout.title.text
+    table = pd.DataFrame({"token": ["�", "�"], "token_id": [7, 9], "logit": [0.5, -0.2]})
+    assert list(plots.logit_attribution_bar(table, 3, profile, "cpu").data[0].y) == ["'�' #9", "'�' #7"]
