@@ -8,7 +8,8 @@ public entry points: saelab `train_sae` (tied SAE, the seed's recipe, one epoch 
 batches plus one validation batch) and SAELens `SAETrainer.fit` (StandardTrainingSAE, its
 defaults, λ scaled to the same objective, fed by an iterator of tensors). Each measurement runs
 in a fresh subprocess after a warm-up call, so peak RSS is per trainer; rounds alternate the two
-trainers, and the median round is reported, because the CPU may be shared with other work.
+trainers, and medians are reported, because the CPU may be shared with other work: the ratio within
+each round (two runs back to back) is the least sensitive to load that changes over minutes.
 """
 
 from __future__ import annotations
@@ -113,7 +114,10 @@ def main(args) -> None:
         mfu = (f", MFU {flops_per_token * medians[name] / (args.peak_tflops * 1e12):.1%}"
                if args.peak_tflops else "")
         print(f"{name:8s} median {medians[name]:10,.0f} tokens/s, peak RSS {peak:,.0f} MiB{mfu}")
-    print(f"ratio saelab / SAELens: {medians['saelab'] / medians['saelens']:.2f}x")
+    paired = [a["tokens_per_s"] / b["tokens_per_s"] for a, b in zip(results["saelab"], results["saelens"], strict=True)]
+    print(f"ratio saelab / SAELens: {medians['saelab'] / medians['saelens']:.2f}x (ratio of medians); "
+          f"per round (back-to-back pairs): {', '.join(f'{r:.2f}' for r in paired)}; "
+          f"median {statistics.median(paired):.2f}x")
 
 
 if __name__ == "__main__":
