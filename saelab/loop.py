@@ -70,7 +70,7 @@ def evaluate(sae: SAE, data: torch.Tensor, l1_coefficient: float, batch_size: in
 
 
 @torch.no_grad()
-def total_variance(data: torch.Tensor, chunk: int = 65_536) -> float:
+def total_variance(data: torch.Tensor, chunk: int = 8_192) -> float:
     """sum over rows of ||x - mean||^2, in float64, chunk by chunk (no copy of all the data)."""
     mean = data.sum(0, dtype=torch.float64) / data.shape[0]
     return sum((part.double() - mean).pow(2).sum().item() for part in data.split(chunk))
