@@ -70,7 +70,7 @@ def evaluate(sae: SAE, data: torch.Tensor, l1_coefficient: float, batch_size: in
 
 
 @torch.no_grad()
-def total_variance(data: torch.Tensor, chunk: int = 65_536) -> float:
+def total_variance(data: torch.Tensor, chunk: int = 8_192) -> float:
     """sum over rows of ||x - mean||^2, in float64, chunk by chunk (no copy of all the data)."""
     mean = data.sum(0, dtype=torch.float64) / data.shape[0]
     return sum((part.double() - mean).pow(2).sum().item() for part in data.split(chunk))
@@ -96,6 +96,7 @@ class TrainingRun:
         self.variance = total_variance(train)  # for the epochs' training FVU
         self.window = min(config.dead_after_tokens, train.shape[0])  # tokens; see TrainConfig
         self.aux_k = config.aux_k or default_aux_k(sae.d_in)
+        self.work: dict = {}  # buffers the tied step reuses across steps
 
     def resume(self) -> bool:
         """Load the last checkpoint of run_dir; False when there is none."""
@@ -141,7 +142,8 @@ class TrainingRun:
         """Runs to the last epoch (True) or to max_steps (False)."""
         cfg, p, n = self.config, self.progress, self.train.shape[0]
         steps_per_epoch = -(-n // cfg.batch_size)
-        bar = tqdm(total=cfg.epochs * steps_per_epoch, initial=p.step, desc="SAE steps", disable=not progress)
+        bar = tqdm(total=cfg.epochs * steps_per_epoch, initial=p.step, desc="SAE steps",
+                   disable=not progress or p.epoch > cfg.epochs)  # a finished run shows no bar
         while p.epoch <= cfg.epochs:
             shuffle = torch.Generator(device=self.train.device).manual_seed(cfg.seed * 1_000_003 + p.epoch)
             order = torch.randperm(n, generator=shuffle, device=self.train.device)
@@ -149,7 +151,7 @@ class TrainingRun:
                 # forward/backward -> step -> constrain decoder -> account (no host sync)
                 x = self.train.index_select(0, order[start:start + cfg.batch_size]).to(self.device, non_blocking=True)
                 stats = train_step(self.sae, x, self.l1_at(p.step + 1), p.dead(self.window), self.aux_k,
-                                   cfg.aux_coefficient)
+                                   cfg.aux_coefficient, self.work)
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 normalise_decoder_rows(self.sae)

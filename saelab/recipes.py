@@ -44,8 +44,17 @@ def default_aux_k(d_in: int) -> int:
     return 2 ** round(torch.log2(torch.tensor(d_in / 2)).item())
 
 
+def _buffer(work: dict, name: str, like: torch.Tensor, *shape: int) -> torch.Tensor:
+    """A tensor reused across steps: allocating ~13-20 MB per step costs page faults that slowed the
+    CPU step by ~12% (measured: 161 -> 143 ms at 768->6144, batch 512, 2 threads)."""
+    key = (name, shape)
+    if key not in work or work[key].device != like.device:
+        work[key] = like.new_empty(shape)
+    return work[key]
+
+
 @torch.no_grad()
-def tied_l1_grads(sae: SAE, x: torch.Tensor, l1_coefficient: float) -> StepStats:
+def tied_l1_grads(sae: SAE, x: torch.Tensor, l1_coefficient: float, work: dict | None = None) -> StepStats:
     """The seed's loss and its gradients for a tied SAE, written out (equal to autograd, tested).
 
         h = relu(x W + b_enc),  x_hat = h W^T + b_dec,  e = x_hat - x   (B rows, d = d_in)
@@ -58,17 +67,22 @@ def tied_l1_grads(sae: SAE, x: torch.Tensor, l1_coefficient: float) -> StepStats
     product that runs at half speed on CPU BLAS; g^T h gives the same numbers in the fast layout.
     One product also yields db_enc and each latent's L1 mass (no extra passes over (B, d_sae)):
         [x 1 0]^T q + [g 0 1]^T h = [dL/dW ; sum_B q ; sum_B h]          (d_in + 2, d_sae)
+    `work` (a dict the caller keeps) holds the large buffers between steps; the returned h and mass
+    live in it, so they are valid until the next call with the same `work`.
     """
+    work = {} if work is None else work
     W = sae.W_enc  # (d_in, d_sae)
     batch, d_in = x.shape
-    h = torch.addmm(sae.b_enc, x, W).relu_()  # (B, d_sae)
+    h = torch.addmm(sae.b_enc, x, W, out=_buffer(work, "h", x, batch, sae.d_sae)).relu_()  # (B, d_sae)
     e = torch.addmm(sae.b_dec, h, W.t()).sub_(x)  # (B, d_in)
     sse = e.pow(2).sum()
     g = e.mul_(2.0 / (batch * d_in))  # reuses e's memory: e is not needed any more
-    q = torch.addmm(x.new_full((1,), l1_coefficient / batch), g, W)  # (B, d_sae)
-    q = torch.ops.aten.threshold_backward(q, h, 0)  # zero where h == 0 (the ReLU's gradient)
-    one, zero = x.new_ones(batch, 1), x.new_zeros(batch, 1)
-    out = torch.mm(torch.cat([x, one, zero], 1).t(), q).addmm_(torch.cat([g, zero, one], 1).t(), h)
+    q = torch.addmm(x.new_full((1,), l1_coefficient / batch), g, W, out=_buffer(work, "q", x, batch, sae.d_sae))
+    torch.ops.aten.threshold_backward.grad_input(q, h, 0, grad_input=q)  # q = 0 where h == 0 (ReLU's gradient)
+    xa, ga = _buffer(work, "xa", x, batch, d_in + 2), _buffer(work, "ga", x, batch, d_in + 2)
+    xa[:, :d_in], xa[:, d_in], xa[:, d_in + 1] = x, 1, 0
+    ga[:, :d_in], ga[:, d_in], ga[:, d_in + 1] = g, 0, 1
+    out = torch.mm(xa.t(), q, out=_buffer(work, "grad", x, d_in + 2, sae.d_sae)).addmm_(ga.t(), h)
     sae.W_enc.grad, sae.b_enc.grad, sae.b_dec.grad = out[:d_in], out[d_in], g.sum(0)
     mass = out[d_in + 1]  # (d_sae,) sum_B h
     l1 = mass.sum() / batch
@@ -118,10 +132,10 @@ def normalise_decoder_rows(sae: SAE) -> None:
 
 
 def train_step(sae: SAE, x: torch.Tensor, l1_coefficient: float, dead: torch.Tensor,
-               aux_k: int, aux_coefficient: float) -> StepStats:
+               aux_k: int, aux_coefficient: float, work: dict | None = None) -> StepStats:
     """Fill the gradients of `sae` for one batch, by the SAE's recipe (the optimizer steps after)."""
     if recipe_of(sae) == "tied_l1":
-        return tied_l1_grads(sae, x, l1_coefficient)
+        return tied_l1_grads(sae, x, l1_coefficient, work)
     stats = autograd_grads(sae, x, l1_coefficient, dead, aux_k, aux_coefficient)
     remove_parallel_grad(sae)
     return stats
