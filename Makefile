@@ -27,10 +27,14 @@ setup: $(VENV)/.installed
 workbook: setup
 	$(PY) -m saelab.workbook $(NOTEBOOKS)
 
-# Unit tests and every notebook under nbmake, always in the offline profile.
+# Unit tests and every notebook under nbmake, always in the offline profile. The notebooks run
+# from scratch in runs/test (SAELAB_ROOT), so tests never rewrite the committed figures/.
+TEST_ROOT := $(CURDIR)/runs/test
 test: setup
 	SAELAB_PROFILE=offline WANDB_MODE=disabled $(PY) -m pytest tests
-	$(if $(NOTEBOOKS),SAELAB_PROFILE=offline WANDB_MODE=disabled $(PY) -m pytest --nbmake --nbmake-timeout=900 $(NOTEBOOKS))
+	rm -rf $(TEST_ROOT)
+	$(if $(NOTEBOOKS),SAELAB_ROOT=$(TEST_ROOT) SAELAB_PROFILE=offline WANDB_MODE=disabled \
+		$(PY) -m pytest --nbmake --nbmake-timeout=900 $(NOTEBOOKS))
 
 lint: setup
 	$(PY) -m ruff check saelab tests benchmarks
