@@ -21,9 +21,10 @@ from tqdm.auto import tqdm
 
 from saelab import paths
 from saelab.config import RECIPES
+from saelab.loop import evaluate
 from saelab.sae import SAE
 from saelab.synthetic import SyntheticData, recovery_scores
-from saelab.train import evaluate, train_sae
+from saelab.train import train_sae
 
 SMALL_SAE = 1 << 16  # d_in * d_sae below which one CPU thread trains faster than several
 
