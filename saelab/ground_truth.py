@@ -10,7 +10,6 @@ l1 = SAE(tied=False), topk = SAE(tied=False, k=k) trained with λ = 0.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from pathlib import Path
 
 import pandas as pd
@@ -25,19 +24,6 @@ from saelab.loop import evaluate
 from saelab.sae import SAE
 from saelab.synthetic import SyntheticData, recovery_scores
 from saelab.train import train_sae
-
-SMALL_SAE = 1 << 16  # d_in * d_sae below which one CPU thread trains faster than several
-
-
-@contextmanager
-def cpu_threads(n: int):
-    """torch's CPU thread count set to n inside the block, restored after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def recipe_sae(recipe: str, d_in: int, d_sae: int, knob: float) -> tuple[SAE, float]:
@@ -57,13 +43,11 @@ def fit_and_score(data: SyntheticData, recipe: str, d_sae: int, knob: float, *, 
     torch.manual_seed(seed)  # same initialisation for every point of the sweep
     d_in = data.activations.shape[1]
     sae, l1_coefficient = recipe_sae(recipe, d_in, d_sae, knob)
-    # Tiny matrices: syncing CPU threads costs more than they save (measured on 2 shared cores:
-    # the offline sweep took ~10x longer with 2 threads than with 1).
-    threads = 1 if d_in * d_sae < SMALL_SAE else torch.get_num_threads()
-    with cpu_threads(threads):
-        train_sae(sae, data.activations, l1_coefficient=l1_coefficient, seed=seed, device=device,
-                  progress=False, **train_kwargs)
-        fit = evaluate(sae, data.activations, l1_coefficient)
+    # CPU threads are the profile's (config.apply_threads in notebook 05): tiny SAEs train ~10x faster
+    # on one thread than on 2 shared cores (measured on the offline sweep)
+    train_sae(sae, data.activations, l1_coefficient=l1_coefficient, seed=seed, device=device,
+              progress=False, **train_kwargs)
+    fit = evaluate(sae, data.activations, l1_coefficient)
     variance = data.activations.var(dim=0).mean().item()  # per coordinate, as evaluate's mse
     return {"recipe": recipe, "d_sae": d_sae, "knob": "k" if recipe == "topk" else "λ", "knob_value": knob,
             **recovery_scores(data.features, sae.decoder_weight),

@@ -3,9 +3,9 @@ import pytest
 import torch
 
 from saelab import paths
+from saelab.config import apply_threads, load_profile
 from saelab.ground_truth import (
     best_per_recipe,
-    cpu_threads,
     fit_and_score,
     recipe_sae,
     save_figure,
@@ -13,6 +13,15 @@ from saelab.ground_truth import (
     sweep_figure,
 )
 from saelab.synthetic import make_synthetic, recovery_scores
+
+
+@pytest.fixture(autouse=True)
+def offline_threads():
+    """The offline profile's thread count, as notebook 05 sets it (tiny SAEs: one thread is fastest)."""
+    before = torch.get_num_threads()
+    apply_threads(load_profile("offline"))
+    yield
+    torch.set_num_threads(before)
 
 
 def test_the_seed_recipe_recovers_easy_ground_truth():
@@ -81,10 +90,3 @@ def test_save_figure_writes_under_the_profile_figures_folder():
     results = pd.DataFrame({"recipe": ["topk"], "d_sae": [8], "knob_value": [2], "mmcs": [0.5], "l0": [2.0]})
     path = save_figure(sweep_figure(results, "t"), "offline", "05_test")
     assert path == paths.figures_dir("offline") / "05_test.html" and path.stat().st_size > 0
-
-
-def test_cpu_threads_is_restored():
-    before = torch.get_num_threads()
-    with cpu_threads(1):
-        assert torch.get_num_threads() == 1
-    assert torch.get_num_threads() == before
