@@ -41,20 +41,11 @@ def optimizer_tensors(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tenso
 
 
 def restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]) -> None:
-    """Inverse of `optimizer_tensors`; hyper-parameters come from the freshly built optimizer.
-
-    Moment tensors get their parameter's memory layout (strides): fused Adam walks parameter and
-    state memory in step, so a contiguous moment for a transposed parameter would pair wrong elements.
-    """
-    params = [p for group in optimizer.param_groups for p in group["params"]]
+    """Inverse of `optimizer_tensors`; hyper-parameters come from the freshly built optimizer."""
     state: dict[int, dict[str, torch.Tensor]] = {}
     for name, value in tensors.items():
         if name.startswith("adam."):
             _, index, key = name.split(".", 2)
-            param = params[int(index)]
-            if value.shape == param.shape:
-                value = torch.empty_strided(param.shape, param.stride(), dtype=value.dtype,
-                                            device=value.device).copy_(value)
             state.setdefault(int(index), {})[key] = value
     optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
 

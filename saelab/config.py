@@ -80,7 +80,7 @@ class Profile:
     #                                      capped at one epoch's tokens so small datasets can have dead latents
     checkpoint_every: int = 1_000  # optimizer steps between checkpoints (also one at every epoch end)
     ce_eval_contexts: int = 256  # held-out "mae" contexts for CE loss recovered in notebook 03
-    torch_threads: int = 0  # intra-op CPU threads notebook 03 sets (0 = torch's default, all cores)
+    torch_threads: int = 0  # intra-op CPU threads `apply_threads` sets in notebooks 02-05 (0 = torch's default)
 
     # --- max-activating examples (MAE)
     mae_texts: int = 5_000  # held-out texts scanned for MAE (seed: 5,000)
@@ -120,6 +120,8 @@ class Profile:
                     "synth_d", "synth_features", "synth_samples", "synth_epochs")
         problems += [f"{f}={getattr(self, f)}: must be a positive integer"
                      for f in positive if not (isinstance(getattr(self, f), int) and getattr(self, f) > 0)]
+        if not (isinstance(self.torch_threads, int) and self.torch_threads >= 0):
+            problems.append(f"torch_threads={self.torch_threads}: 0 (torch's default) or a positive thread count")
         if not (self.lr > 0 and self.l1_coefficient >= 0):
             problems.append("lr must be > 0 and l1_coefficient >= 0")
         problems += self._synthetic_problems()
@@ -233,6 +235,16 @@ def default_device() -> str:
     if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
         return "mps"
     return "cpu"
+
+
+def apply_threads(profile: Profile) -> int:
+    """Set torch's intra-op CPU threads to profile.torch_threads (0 leaves torch's default, all cores);
+    returns the count in use. Notebooks 02-05 call it right after load_profile."""
+    import torch  # deferred: importing saelab must stay cheap
+
+    if profile.torch_threads > 0:
+        torch.set_num_threads(profile.torch_threads)
+    return torch.get_num_threads()
 
 
 def gpt2_is_cached() -> bool:

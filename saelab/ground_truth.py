@@ -2,7 +2,7 @@
 
     data = make_synthetic(8192, d=32, n_features=64, mean_active=3)
     results = sweep(data, l1_coefficients=(1e-3, 1e-2), ks=(2, 4), dict_sizes=(64, 128))
-    sweep_figure(results, "offline on cpu")   # MMCS and L0 against λ (or k), one column per recipe
+    plots.sweep_figure(results, profile)       # saelab.plots: MMCS and L0 against λ (or k) per recipe
 
 The recipe is carried by the SAE, as in `saelab.train`: tied_l1 = SAE(tied=True) (the seed),
 l1 = SAE(tied=False), topk = SAE(tied=False, k=k) trained with λ = 0.
@@ -10,33 +10,15 @@ l1 = SAE(tied=False), topk = SAE(tied=False, k=k) trained with λ = 0.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from pathlib import Path
-
 import pandas as pd
-import plotly.express as px
-import plotly.graph_objects as go
 import torch
 from tqdm.auto import tqdm
 
-from saelab import paths
 from saelab.config import RECIPES
+from saelab.loop import evaluate
 from saelab.sae import SAE
 from saelab.synthetic import SyntheticData, recovery_scores
-from saelab.train import evaluate, train_sae
-
-SMALL_SAE = 1 << 16  # d_in * d_sae below which one CPU thread trains faster than several
-
-
-@contextmanager
-def cpu_threads(n: int):
-    """torch's CPU thread count set to n inside the block, restored after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+from saelab.train import train_sae
 
 
 def recipe_sae(recipe: str, d_in: int, d_sae: int, knob: float) -> tuple[SAE, float]:
@@ -56,13 +38,11 @@ def fit_and_score(data: SyntheticData, recipe: str, d_sae: int, knob: float, *, 
     torch.manual_seed(seed)  # same initialisation for every point of the sweep
     d_in = data.activations.shape[1]
     sae, l1_coefficient = recipe_sae(recipe, d_in, d_sae, knob)
-    # Tiny matrices: syncing CPU threads costs more than they save (measured on 2 shared cores:
-    # the offline sweep took ~10x longer with 2 threads than with 1).
-    threads = 1 if d_in * d_sae < SMALL_SAE else torch.get_num_threads()
-    with cpu_threads(threads):
-        train_sae(sae, data.activations, l1_coefficient=l1_coefficient, seed=seed, device=device,
-                  progress=False, **train_kwargs)
-        fit = evaluate(sae, data.activations, l1_coefficient)
+    # CPU threads are the profile's (config.apply_threads in notebook 05): tiny SAEs train ~10x faster
+    # on one thread than on 2 shared cores (measured on the offline sweep)
+    train_sae(sae, data.activations, l1_coefficient=l1_coefficient, seed=seed, device=device,
+              progress=False, **train_kwargs)
+    fit = evaluate(sae, data.activations, l1_coefficient)
     variance = data.activations.var(dim=0).mean().item()  # per coordinate, as evaluate's mse
     return {"recipe": recipe, "d_sae": d_sae, "knob": "k" if recipe == "topk" else "λ", "knob_value": knob,
             **recovery_scores(data.features, sae.decoder_weight),
@@ -93,40 +73,3 @@ def sweep(data: SyntheticData, *, l1_coefficients: tuple[float, ...], ks: tuple[
 def best_per_recipe(results: pd.DataFrame, by: str = "mmcs") -> pd.DataFrame:
     """The row with the highest `by` for each recipe: the settings where recovery works best."""
     return results.loc[results.groupby("recipe", sort=False)[by].idxmax()].reset_index(drop=True)
-
-
-def sweep_figure(results: pd.DataFrame, title: str, true_l0: float | None = None) -> go.Figure:
-    """MMCS (top row) and L0 (bottom row) against λ or k (log x), a column per recipe, a line per d_sae."""
-    recipes = list(dict.fromkeys(results["recipe"]))
-    long = results.melt(id_vars=["recipe", "d_sae", "knob_value"], value_vars=["mmcs", "l0"],
-                        var_name="metric", value_name="value")
-    long["d_sae"] = long["d_sae"].astype(str)  # discrete colours, one per dictionary size
-    fig = px.line(long, x="knob_value", y="value", color="d_sae", facet_row="metric", facet_col="recipe",
-                  markers=True, log_x=True, title=title,
-                  category_orders={"metric": ["mmcs", "l0"], "recipe": recipes})
-    names = {"mmcs": "MMCS (true → learned)", "l0": "L0 (active latents)"}
-    fig.for_each_annotation(lambda a: a.update(text=names.get(a.text.split("=")[-1], a.text.split("=")[-1])))
-    fig.update_xaxes(matches=None, title_text="")
-    for col, recipe in enumerate(recipes, start=1):  # x titles under the bottom row only
-        fig.update_xaxes(title_text="k" if recipe == "topk" else "λ (L1 coefficient)", row=1, col=col)
-    fig.update_yaxes(matches=None, title_text="")
-    fig.update_yaxes(range=[0, 1.05], row=2)  # facet rows count from the bottom: row 2 is mmcs
-    fig.update_yaxes(type="log", row=1)  # L0 spans orders of magnitude when λ is small
-    if true_l0 is not None:
-        fig.add_hline(y=true_l0, line_dash="dot", row=1, annotation_text="true L0")
-    fig.add_hline(y=1.0, line_dash="dot", row=2)
-    return fig
-
-
-def save_figure(fig: go.Figure, profile, name: str) -> Path:
-    """figures/<profile>/<name>.html (+ .png when kaleido can render). Same call as issue 5's
-    `saelab.plots.save_figure`, which replaces this once both are merged."""
-    directory = paths.figures_dir(profile)
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / f"{name}.html"
-    fig.write_html(path, include_plotlyjs="cdn", div_id=name)  # fixed id: reruns give the same file
-    try:
-        fig.write_image(path.with_suffix(".png"), width=1100, height=650)
-    except (ImportError, ValueError, RuntimeError, OSError):
-        pass  # no kaleido/chromium here: the HTML is the figure
-    return path

@@ -1,9 +1,10 @@
-"""Figure builders and `save_figure`: every figure names its profile and device.
+"""Figure builders and `save_figure`: every figure names its profile, model and device.
 
-Builders take plain numbers (arrays, DataFrames) and return a `plotly.graph_objects.Figure`;
-notebooks display it and call `save_figure(fig, profile, "04_name")`, which writes
-`figures/<profile>/04_name.html` (+ `.png` when a static exporter works). Names follow
-`NN_name`, NN = the notebook that made the figure.
+Builders take plain numbers (arrays, DataFrames) and return a `plotly.graph_objects.Figure`
+titled with `figure_title`; notebooks display it and call `save_figure(fig, profile, "04_name")`,
+which writes `figures/<profile>/04_name.html` (+ `.png` when a static exporter works). Names
+follow `NN_name`, NN = the notebook that made the figure. This module sits on floor 2: builders
+get numbers, never an SAE run or the analysis (notebooks 03-05 pass their tables in).
 
 HTML files load plotly.js from plotly's CDN (`include_plotlyjs="cdn"`, pinned to the installed
 plotly's bundle version): each file stays ~10 KB instead of ~4.6 MB, so figures can be committed.
@@ -22,28 +23,32 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import plotly.express as px
 import plotly.graph_objects as go
+from plotly.subplots import make_subplots
 
 from saelab import paths
 from saelab.config import Profile, default_device
 
 OFFLINE_NOTE = "offline profile: random-weight model, NOT GPT-2"
+SYNTHETIC_SOURCE = "synthetic data (no language model, not GPT-2)"  # notebook 05's data comes from no model
 _png_state: dict[str, object] = {"warned": False, "server": False}
 
 
-def _origin(profile: Profile, device: str | None) -> str:
-    origin = f"profile {profile.name}, {profile.model_name}, on {device or default_device()}"
-    return f"{origin} · {OFFLINE_NOTE}" if profile.is_offline else origin
+def _origin(profile: Profile, device: str | None, source: str | None = None) -> str:
+    """source: what made the data when it is not the profile's model (notebook 05: synthetic data)."""
+    origin = f"profile {profile.name}, {source or profile.model_name}, on {device or default_device()}"
+    return f"{origin} · {OFFLINE_NOTE}" if profile.is_offline and source is None else origin
 
 
-def caption(text: str, profile: Profile, device: str | None = None) -> str:
+def caption(text: str, profile: Profile, device: str | None = None, source: str | None = None) -> str:
     """Plain text: '<text> — profile <name>, <model>, on <device>' (+ the offline note)."""
-    return f"{text} — {_origin(profile, device)}"
+    return f"{text} — {_origin(profile, device, source)}"
 
 
-def figure_title(text: str, profile: Profile, device: str | None = None) -> str:
-    """Plotly title: the text, then profile, model, device (and offline note) on a smaller line."""
-    return f"{text}<br><sup>{_origin(profile, device)}</sup>"
+def figure_title(text: str, profile: Profile, device: str | None = None, source: str | None = None) -> str:
+    """Plotly title: the text, then profile, model (or `source`), device and the offline note, smaller."""
+    return f"{text}<br><sup>{_origin(profile, device, source)}</sup>"
 
 
 def _figure_stem(name: str) -> str:
@@ -122,6 +127,34 @@ def density_histogram(frequency: np.ndarray, profile: Profile, device: str | Non
     return fig
 
 
+def training_curves(history: pd.DataFrame, profile: Profile, device: str | None = None) -> go.Figure:
+    """The seed's three charts per epoch: validation loss, reconstruction loss (MSE), sparsity (L0)."""
+    panels = [("validation loss", ["val_loss"]), ("reconstruction loss (MSE)", ["train_mse", "val_mse"]),
+              ("sparsity: L0 (active latents per token)", ["val_l0"])]
+    fig = make_subplots(rows=1, cols=3, subplot_titles=[title for title, _ in panels])
+    for col, (_, columns) in enumerate(panels, start=1):
+        for column in columns:
+            fig.add_trace(go.Scatter(x=history["epoch"], y=history[column], name=column, mode="lines+markers"),
+                          row=1, col=col)
+        fig.update_xaxes(title_text="epoch", row=1, col=col)
+    fig.update_layout(title=figure_title(f"SAE training ({profile.recipe}, {profile.d_in}->{profile.d_sae})",
+                                         profile, device), height=380, margin={"t": 110})
+    return fig
+
+
+def recipe_comparison(table: pd.DataFrame, profile: Profile, device: str | None = None) -> go.Figure:
+    """FVU against L0, one point per recipe (table index; down-left is better), labelled with CE loss recovered."""
+    fig = go.Figure(go.Scatter(
+        x=table["l0"], y=table["fvu"], mode="markers+text", marker={"size": 14},
+        text=[f"{recipe}<br>CE rec. {ce:.0%}" for recipe, ce in zip(table.index, table["ce_loss_recovered"],
+                                                                     strict=True)],
+        textposition="top center"))
+    fig.update_layout(title=figure_title("Recipes on the same activations: sparsity vs reconstruction", profile,
+                                         device), xaxis_title="L0 (active latents per token)",
+                      yaxis_title="FVU (fraction of variance unexplained)", margin={"t": 110})
+    return fig
+
+
 def top_features_bar(stats: pd.DataFrame, profile: Profile, device: str | None = None, *,
                      by: str = "total_activation", n: int = 20) -> go.Figure:
     """Bar chart of the n features with the largest `by` column (stats indexed by feature)."""
@@ -151,6 +184,33 @@ def logit_attribution_bar(table: pd.DataFrame, feature: int, profile: Profile,
                                          profile, device),
                       xaxis_title="logit change per unit activation", yaxis_title="token",
                       height=max(300, 22 * len(table) + 120))
+    return fig
+
+
+def sweep_figure(results: pd.DataFrame, profile: Profile, device: str | None = None, *,
+                 true_l0: float | None = None) -> go.Figure:
+    """Notebook 05: MMCS (top row) and L0 (bottom row) against λ or k (log x), a column per recipe, a
+    line per d_sae. results: columns recipe, d_sae, knob_value, mmcs, l0 (as `ground_truth.sweep`)."""
+    recipes = list(dict.fromkeys(results["recipe"]))
+    long = results.melt(id_vars=["recipe", "d_sae", "knob_value"], value_vars=["mmcs", "l0"],
+                        var_name="metric", value_name="value")
+    long["d_sae"] = long["d_sae"].astype(str)  # discrete colours, one per dictionary size
+    title = figure_title(f"Ground-truth recovery: {profile.synth_features} synthetic features in {profile.synth_d} "
+                         "dims", profile, device, source=SYNTHETIC_SOURCE)
+    fig = px.line(long, x="knob_value", y="value", color="d_sae", facet_row="metric", facet_col="recipe",
+                  markers=True, log_x=True, title=title, category_orders={"metric": ["mmcs", "l0"], "recipe": recipes})
+    names = {"mmcs": "MMCS (true → learned)", "l0": "L0 (active latents)"}
+    fig.for_each_annotation(lambda a: a.update(text=names.get(a.text.split("=")[-1], a.text.split("=")[-1])))
+    fig.update_xaxes(matches=None, title_text="")
+    for col, recipe in enumerate(recipes, start=1):  # x titles under the bottom row only
+        fig.update_xaxes(title_text="k" if recipe == "topk" else "λ (L1 coefficient)", row=1, col=col)
+    fig.update_yaxes(matches=None, title_text="")
+    fig.update_yaxes(range=[0, 1.05], row=2)  # facet rows count from the bottom: row 2 is mmcs
+    fig.update_yaxes(type="log", row=1)  # L0 spans orders of magnitude when λ is small
+    if true_l0 is not None:
+        fig.add_hline(y=true_l0, line_dash="dot", row=1, annotation_text="true L0")
+    fig.add_hline(y=1.0, line_dash="dot", row=2)
+    fig.update_layout(margin={"t": 110})
     return fig
 
 

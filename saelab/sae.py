@@ -48,7 +48,9 @@ class SAE(nn.Module):
         self.b_enc = nn.Parameter(torch.empty(d_sae).uniform_(-bound, bound))
         self.b_dec = nn.Parameter(torch.zeros(d_in))
         if not tied:
-            W_dec = self.W_enc.detach().t().clone()
+            # contiguous, not a transposed view's clone (which keeps the transposed strides): fused
+            # Adam walks parameter and state memory in step, and restored state is contiguous
+            W_dec = self.W_enc.detach().t().contiguous()  # (d_sae, d_in)
             self.W_dec = nn.Parameter(W_dec / W_dec.norm(dim=1, keepdim=True))
 
     @property

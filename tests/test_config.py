@@ -55,10 +55,23 @@ def test_overrides_replace_single_fields():
     ("val_fraction", 1.0, "val_fraction"),
     ("batch_size", 0, "batch_size=0"),
     ("store_dtype", "int8", "store_dtype"),
+    ("torch_threads", -1, "torch_threads=-1"),
 ])
 def test_invalid_values_say_what_to_change(field, value, message):
     with pytest.raises(ValueError, match=message):
         GPT2.replace(**{field: value})
+
+
+def test_apply_threads_sets_the_profile_count_and_zero_keeps_torch_default():
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        assert OFFLINE.torch_threads == 1 and config.apply_threads(OFFLINE) == 1 == torch.get_num_threads()
+        torch.set_num_threads(2)
+        assert config.apply_threads(GPT2) == 2  # 0: leaves whatever torch uses
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_profile_json_file_loads(tmp_path):

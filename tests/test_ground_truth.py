@@ -2,17 +2,23 @@ import pandas as pd
 import pytest
 import torch
 
-from saelab import paths
+from saelab.config import apply_threads, load_profile
 from saelab.ground_truth import (
     best_per_recipe,
-    cpu_threads,
     fit_and_score,
     recipe_sae,
-    save_figure,
     sweep,
-    sweep_figure,
 )
 from saelab.synthetic import make_synthetic, recovery_scores
+
+
+@pytest.fixture(autouse=True)
+def offline_threads():
+    """The offline profile's thread count, as notebook 05 sets it (tiny SAEs: one thread is fastest)."""
+    before = torch.get_num_threads()
+    apply_threads(load_profile("offline"))
+    yield
+    torch.set_num_threads(before)
 
 
 def test_the_seed_recipe_recovers_easy_ground_truth():
@@ -65,26 +71,3 @@ def test_best_per_recipe_picks_the_highest_mmcs():
     results = pd.DataFrame({"recipe": ["topk", "topk", "l1"], "knob_value": [2, 4, 1e-3], "mmcs": [0.5, 0.9, 0.7]})
     best = best_per_recipe(results)
     assert list(best.recipe) == ["topk", "l1"] and list(best.knob_value) == [4, 1e-3]
-
-
-def test_figure_has_mmcs_and_l0_per_recipe_and_size():
-    results = pd.DataFrame({"recipe": ["tied_l1", "tied_l1", "topk", "topk"], "d_sae": [8, 16, 8, 16],
-                            "knob_value": [1e-3, 1e-3, 2, 2], "mmcs": [0.5, 0.6, 0.7, 0.8], "l0": [3.0, 4, 2, 2]})
-    fig = sweep_figure(results, "profile offline on cpu", true_l0=2.0)
-    assert fig.layout.title.text == "profile offline on cpu"
-    assert len(fig.data) == 2 * 2 * 2  # metrics x recipes x dictionary sizes, one line each
-    labels = {a.text for a in fig.layout.annotations}
-    assert {"tied_l1", "topk", "MMCS (true → learned)", "L0 (active latents)"} <= labels
-
-
-def test_save_figure_writes_under_the_profile_figures_folder():
-    results = pd.DataFrame({"recipe": ["topk"], "d_sae": [8], "knob_value": [2], "mmcs": [0.5], "l0": [2.0]})
-    path = save_figure(sweep_figure(results, "t"), "offline", "05_test")
-    assert path == paths.figures_dir("offline") / "05_test.html" and path.stat().st_size > 0
-
-
-def test_cpu_threads_is_restored():
-    before = torch.get_num_threads()
-    with cpu_threads(1):
-        assert torch.get_num_threads() == 1
-    assert torch.get_num_threads() == before

@@ -70,3 +70,41 @@ def test_bar_builders_title_and_order():
     assert list(fig.data[0].y) == ["'b'", "'a'"] and "Feature 3" in fig.layout.title.text
     table = pd.DataFrame({"token": ["�", "�"], "token_id": [7, 9], "logit": [0.5, -0.2]})
     assert list(plots.logit_attribution_bar(table, 3, profile, "cpu").data[0].y) == ["'�' #9", "'�' #7"]
+
+
+def test_offline_titles_and_a_rerun_give_the_same_html():
+    """A fixed div id: saving the same figure twice writes identical bytes (committed figures stay clean)."""
+    profile = load_profile("offline")
+    def build() -> go.Figure:  # as a notebook rerun does: a fresh figure from the same numbers
+        return go.Figure(go.Bar(x=[1, 2], y=[3, 4]), layout={"title": plots.figure_title("Bars", profile, "cpu")})
+
+    first = plots.save_figure(build(), profile, "01_bars", png=False)[0].read_bytes()
+    second = plots.save_figure(build(), profile, "01_bars", png=False)[0].read_bytes()
+    assert first == second and b"01_bars" in first and b"NOT GPT-2" in first
+
+
+def test_training_builders_name_profile_and_show_each_column():
+    profile = load_profile("offline")
+    history = pd.DataFrame({"epoch": [1, 2], "val_loss": [2.0, 1.0], "train_mse": [1.5, 0.8],
+                            "val_mse": [1.6, 0.9], "val_l0": [30.0, 12.0]})
+    fig = plots.training_curves(history, profile, "cpu")
+    assert [trace.name for trace in fig.data] == ["val_loss", "train_mse", "val_mse", "val_l0"]
+    assert "NOT GPT-2" in fig.layout.title.text and "cpu" in fig.layout.title.text
+    table = pd.DataFrame({"l0": [10.0, 4.0], "fvu": [0.2, 0.3], "ce_loss_recovered": [0.9, 0.75]},
+                         index=pd.Index(["tied_l1", "topk"], name="recipe"))
+    fig = plots.recipe_comparison(table, profile, "cpu")
+    assert list(fig.data[0].text) == ["tied_l1<br>CE rec. 90%", "topk<br>CE rec. 75%"]
+    assert "profile offline" in fig.layout.title.text
+
+
+def test_sweep_figure_has_mmcs_and_l0_per_recipe_and_size_and_names_synthetic_data():
+    results = pd.DataFrame({"recipe": ["tied_l1", "tied_l1", "topk", "topk"], "d_sae": [8, 16, 8, 16],
+                            "knob_value": [1e-3, 1e-3, 2, 2], "mmcs": [0.5, 0.6, 0.7, 0.8], "l0": [3.0, 4, 2, 2]})
+    offline = load_profile("offline")
+    fig = plots.sweep_figure(results, offline, "cpu", true_l0=2.0)
+    assert len(fig.data) == 2 * 2 * 2  # metrics x recipes x dictionary sizes, one line each
+    labels = {a.text for a in fig.layout.annotations}
+    assert {"tied_l1", "topk", "MMCS (true → learned)", "L0 (active latents)"} <= labels
+    title = fig.layout.title.text
+    assert f"{offline.synth_features} synthetic features" in title and "profile offline" in title
+    assert "synthetic data" in title and "random-weight" not in title  # no model made this data

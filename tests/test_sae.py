@@ -72,6 +72,17 @@ def test_wrong_width_input_is_a_clear_error():
         hand_sae(tied=True)(torch.zeros(1, 3))
 
 
+@pytest.mark.parametrize("tied", [True, False])
+def test_parameters_are_contiguous_new_and_loaded(tmp_path, tied):
+    """Fused Adam pairs parameter and (contiguous, restored) state memory element by element."""
+    sae = SAE(d_in=3, d_sae=5, tied=tied)
+    loaded = SAE.load(sae.save(tmp_path / "sae"))
+    assert all(p.is_contiguous() for model in (sae, loaded) for p in model.parameters())
+    if not tied:
+        assert torch.allclose(sae.W_dec.norm(dim=1), torch.ones(5))  # unit rows along W_enc's columns
+        assert torch.allclose(sae.W_dec * sae.W_enc.t().norm(dim=1, keepdim=True), sae.W_enc.t())
+
+
 @pytest.mark.parametrize("tied, k", [(True, None), (False, None), (False, 2)])
 def test_save_load_round_trip(tmp_path, tied, k):
     sae = SAE(d_in=4, d_sae=8, tied=tied, k=k, metadata={"hook_name": "blocks.6.hook_resid_pre"})

@@ -5,8 +5,9 @@ import torch
 from saelab import paths
 from saelab.checkpoint import load_checkpoint
 from saelab.config import load_profile
+from saelab.loop import evaluate
 from saelab.sae import SAE
-from saelab.train import evaluate, train_profile, train_sae
+from saelab.train import train_profile, train_sae
 
 
 def low_rank_data(n: int = 2048, d_in: int = 8) -> torch.Tensor:
