@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import atexit
 import html
+import math
 import re
 import warnings
 from pathlib import Path
@@ -206,7 +207,11 @@ def sweep_figure(results: pd.DataFrame, profile: Profile, device: str | None = N
         fig.update_xaxes(title_text="k" if recipe == "topk" else "λ (L1 coefficient)", row=1, col=col)
     fig.update_yaxes(matches=None, title_text="")
     fig.update_yaxes(range=[0, 1.05], row=2)  # facet rows count from the bottom: row 2 is mmcs
-    fig.update_yaxes(type="log", row=1)  # L0 spans orders of magnitude when λ is small
+    # L0 spans orders of magnitude when λ is small: log axis, one range for every panel so the
+    # unlabelled panels read off the first column's ticks
+    positive_l0 = results["l0"][results["l0"] > 0]
+    low, high = positive_l0.min(), max(positive_l0.max(), true_l0 or 0)
+    fig.update_yaxes(type="log", range=[math.log10(low) - 0.2, math.log10(high) + 0.2], row=1)
     if true_l0 is not None:
         fig.add_hline(y=true_l0, line_dash="dot", row=1, annotation_text="true L0")
     fig.add_hline(y=1.0, line_dash="dot", row=2)
