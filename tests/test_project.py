@@ -46,3 +46,31 @@ def test_notebook_follows_the_conventions(path):
     code = "\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "code")
     assert "../" not in code, "use saelab.paths instead of relative paths"
     assert not re.search(r"\bCI\b|GITHUB_ACTIONS", code), "the profile is the only switch"
+
+
+FLOORS = {  # STYLE.md: each module imports only from its own floor or below
+    1: {"sae", "loss", "metrics", "synthetic", "recipes"},  # pure tensor code: no files, no model
+    2: {"config", "paths", "store", "plots", "batching", "checkpoint", "tracking", "progress"},
+    3: {"corpus", "data", "lm", "analysis"},
+    4: {"capture", "train", "loop", "cards", "ground_truth", "workbook"},
+}
+
+
+def saelab_imports(path: Path) -> set[str]:
+    import ast
+
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        names = [node.module or ""] if isinstance(node, ast.ImportFrom) else \
+            [a.name for a in node.names] if isinstance(node, ast.Import) else []
+        found |= {n.split(".")[1] for n in names if n.startswith("saelab.")}
+    return found
+
+
+def test_every_module_has_a_floor_and_imports_only_from_below():
+    floor_of = {module: floor for floor, modules in FLOORS.items() for module in modules}
+    modules = {p.stem for p in (ROOT / "saelab").glob("*.py")} - {"__init__"}
+    assert modules == set(floor_of), "add new modules to FLOORS (and to the README's floor map)"
+    upward = {(m, i) for m in modules for i in saelab_imports(ROOT / "saelab" / f"{m}.py")
+              if floor_of[i] > floor_of[m]}
+    assert not upward, f"imports from a higher floor: {sorted(upward)}"
