@@ -14,9 +14,19 @@ export SAELAB_PROFILE ?=
 
 .PHONY: workbook test lint setup clean-runs
 
-$(VENV)/.installed: pyproject.toml
+# One stamp per torch choice, so `make setup TORCH=... TORCH_INDEX=...` reinstalls torch on an
+# existing .venv instead of doing nothing.
+empty :=
+space := $(empty) $(empty)
+TORCH_STAMP := $(VENV)/.torch-$(subst $(space),_,$(subst /,_,$(subst :,_,$(subst =,_,$(TORCH)$(TORCH_INDEX)))))
+
+$(TORCH_STAMP):
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	rm -f $(VENV)/.torch-*
 	$(PY) -m pip install --quiet --disable-pip-version-check "$(TORCH)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	touch $@
+
+$(VENV)/.installed: pyproject.toml $(TORCH_STAMP)
 	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[dev]"
 	touch $@
 

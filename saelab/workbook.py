@@ -2,8 +2,9 @@
 
     python -m saelab.workbook notebooks/01_data.ipynb notebooks/02_activations.ipynb ...
 
-The profile is resolved once (SAELAB_PROFILE or auto-detection) and passed to every kernel
-through SAELAB_PROFILE, so all notebooks of a run agree. Executed copies are written to
+The profile is resolved once (SAELAB_PROFILE: a name or a profile JSON file; else auto-detection),
+written to runs/<profile>/profile.json and passed to every kernel through SAELAB_PROFILE, so all
+notebooks of a run agree, overrides included. Executed copies are written to
 runs/<profile>/notebooks; the committed notebooks stay without outputs.
 """
 
@@ -24,9 +25,13 @@ def run_notebooks(notebooks: list[Path], timeout_s: int = 24 * 3600) -> Path:
 
     profile = load_profile()
     print(profile.banner(), flush=True)
-    os.environ["SAELAB_PROFILE"] = profile.name
     out_dir = paths.executed_notebooks_dir(profile)
     out_dir.mkdir(parents=True, exist_ok=True)
+    # Kernels get the resolved profile as a JSON file (absolute path: nbmake and nbconvert run each
+    # notebook from its own folder), so overrides from a profile JSON reach every notebook.
+    resolved = paths.run_dir(profile) / "profile.json"
+    resolved.write_text(profile.to_json())
+    os.environ["SAELAB_PROFILE"] = str(resolved)
     for notebook in notebooks:
         started = time.perf_counter()
         print(f"running {notebook} ...", flush=True)

@@ -61,10 +61,19 @@ def saelab_imports(path: Path) -> set[str]:
 
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
-        names = [node.module or ""] if isinstance(node, ast.ImportFrom) else \
-            [a.name for a in node.names] if isinstance(node, ast.Import) else []
-        found |= {n.split(".")[1] for n in names if n.startswith("saelab.")}
+        if isinstance(node, ast.ImportFrom) and node.module == "saelab":  # from saelab import paths
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("saelab."):
+            found.add(node.module.split(".")[1])
+        elif isinstance(node, ast.Import):
+            found |= {a.name.split(".")[1] for a in node.names if a.name.startswith("saelab.")}
     return found
+
+
+def test_import_scanner_sees_every_form(tmp_path):
+    source = tmp_path / "m.py"
+    source.write_text("from saelab import paths\nfrom saelab.store import X\nimport saelab.sae\nimport torch\n")
+    assert saelab_imports(source) == {"paths", "store", "sae"}
 
 
 def test_every_module_has_a_floor_and_imports_only_from_below():
