@@ -78,7 +78,7 @@ def pack(token_lists: Iterable[list[int]], context_size: int, eot_id: int, trunc
             del stream[:body]
 
 
-def _settings(profile: Profile) -> dict:
+def token_settings(profile: Profile) -> dict:
     """What the token files depend on; a different value means they are rebuilt."""
     keys = ("model_name", "dataset_id", "dataset_revision", "dataset_split", "text_column", "n_texts",
             "mae_texts", "context_size", "truncate_documents", "offline_vocab_size")
@@ -93,7 +93,7 @@ def read_info(profile: Profile) -> dict | None:
 def build_tokens(profile: Profile, batch_docs: int = 256) -> dict:
     """Tokenize and pack both splits; reuse the files on disk when they match the profile."""
     info = read_info(profile)
-    if info and info["settings"] == _settings(profile) and all(
+    if info and info["settings"] == token_settings(profile) and all(
             (paths.tokens_dir(profile) / s).is_dir() for s in SPLITS):
         return {split: load_tokens(profile, split) for split in SPLITS}
     out = paths.tokens_dir(profile)
@@ -120,7 +120,7 @@ def _build_into(directory: Path, profile: Profile, batch_docs: int) -> dict:
     tokenizer = load_tokenizer(profile, directory)
     documents = iter_documents(profile)
     wanted = {"train": profile.n_texts, "mae": profile.mae_texts}
-    info = {"settings": _settings(profile), "profile": profile.name, "splits": {}}
+    info = {"settings": token_settings(profile), "profile": profile.name, "splits": {}}
     for split in SPLITS:
         texts = list(islice(documents, wanted[split]))
         if len(texts) < wanted[split]:
@@ -178,7 +178,7 @@ def load_tokens(profile: Profile, split: str = "train"):
     if info is None or not (paths.tokens_dir(profile) / split).is_dir():
         raise FileNotFoundError(f"no token dataset at {paths.tokens_dir(profile)}; run notebook 01_data "
                                 "(saelab.data.build_tokens(profile)) first")
-    if info["settings"] != _settings(profile):
+    if info["settings"] != token_settings(profile):
         raise ValueError(f"the tokens at {paths.tokens_dir(profile)} were built with other settings "
                          f"{info['settings']}; rerun notebook 01_data to rebuild them for this profile")
     return datasets.load_from_disk(str(paths.tokens_dir(profile) / split))
