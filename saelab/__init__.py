@@ -33,6 +33,7 @@ _PUBLIC = {
     "load_tokenizer": "saelab.data",
     "load_lm": "saelab.lm",
     "capture_activations": "saelab.capture",
+    "open_store": "saelab.capture",
     "make_synthetic": "saelab.synthetic",
     "recovery_scores": "saelab.synthetic",
 }

@@ -19,11 +19,15 @@ from tqdm import tqdm  # text bars: tqdm.auto needs ipywidgets in Jupyter
 
 from saelab import paths
 from saelab.config import Profile, default_device
-from saelab.data import load_tokens, read_info
+from saelab.data import load_tokens, read_info, token_settings
 from saelab.lm import LM_SETTINGS, check_hook, load_lm
-from saelab.store import DTYPES, ActivationStore, StoreWriter
+from saelab.store import DTYPES, MANIFEST, ActivationStore, StoreWriter
 
 STATS = "capture_stats.json"  # throughput of the last capture run; not part of the store's identity
+# notebook 02's plots: 64 contexts give stable 10/90% norm quantiles per position in one forward pass;
+# 200k values draw a smooth 200-bin histogram while the figure file stays small (it is binned first)
+NORM_PLOT_CONTEXTS = 64
+VALUE_SAMPLE_SIZE = 200_000
 
 
 def store_metadata(profile: Profile, split: str, lm) -> dict:
@@ -32,6 +36,45 @@ def store_metadata(profile: Profile, split: str, lm) -> dict:
             "exclude_first_position": profile.exclude_first_position, "lm_settings": LM_SETTINGS,
             "lm_config": {k: getattr(lm.cfg, k) for k in ("n_layers", "d_model", "n_heads", "d_mlp", "d_vocab")},
             "tokens": read_info(profile)["settings"], "random_weights": profile.is_offline, "seed": profile.seed}
+
+
+def _expected(profile: Profile, split: str) -> dict:
+    """The store's identity as far as the profile alone fixes it (no model loaded): manifest and metadata."""
+    lm_config = {"d_model": profile.d_in}
+    if profile.is_offline:  # the random model's shape comes from the profile (lm.random_gpt2)
+        lm_config |= {"n_layers": profile.offline_n_layers, "n_heads": profile.offline_n_heads}
+    metadata = {"split": split, "context_size": profile.context_size, "lm_settings": LM_SETTINGS,
+                "exclude_first_position": profile.exclude_first_position, "tokens": token_settings(profile),
+                "random_weights": profile.is_offline, "seed": profile.seed, "lm_config": lm_config}
+    return {"model_name": profile.model_name, "hook": profile.hook, "d_in": profile.d_in,
+            "dtype": profile.store_dtype, "metadata": metadata}
+
+
+def differences(stored, wanted, prefix: str = "") -> list[str]:
+    """'key.sub: stored X, profile Y' for every leaf of `wanted` that `stored` does not match."""
+    if isinstance(stored, dict) and isinstance(wanted, dict):
+        return [d for k, v in wanted.items() for d in differences(stored.get(k), v, f"{prefix}{k}.")]
+    return [] if stored == wanted else [f"{prefix[:-1]}: stored {stored!r}, profile {wanted!r}"]
+
+
+def stale_store_message(profile: Profile, split: str, detail: list[str]) -> str:
+    """What to delete and rerun when the store on disk no longer matches the profile."""
+    return (f"the activation store {paths.store_dir(profile, split)} was captured with other settings than "
+            f"profile {profile.name!r} has now ({'; '.join(detail)}). Delete runs/{profile.name}/activations/"
+            f"{split} and rerun notebook 02_activations (then 03_train and 04_mae_analysis, which read it).")
+
+
+def open_store(profile: Profile, split: str = "train") -> ActivationStore:
+    """The finished store of `split`, checked against the profile's current tokens, model and hook.
+
+    Notebooks 03-04 open stores this way, so activations captured before notebook 01 was rerun
+    with other settings are refused instead of silently used.
+    """
+    store = ActivationStore(paths.store_dir(profile, split))
+    detail = differences(store.manifest, _expected(profile, split))
+    if detail:
+        raise ValueError(stale_store_message(profile, split, detail))
+    return store
 
 
 def batch_rows(acts: torch.Tensor, ids: torch.Tensor, first_context: int, skip_first: bool):
@@ -56,8 +99,13 @@ def capture_activations(profile: Profile, split: str = "train", device: str | No
     lm = lm or load_lm(profile, device)
     check_hook(lm, profile.hook)
     directory = paths.store_dir(profile, split)
-    writer = StoreWriter(directory, model_name=profile.model_name, hook=profile.hook, d_in=profile.d_in,
-                         dtype=profile.store_dtype, metadata=store_metadata(profile, split, lm))
+    identity = {"model_name": profile.model_name, "hook": profile.hook, "d_in": profile.d_in,
+                "dtype": profile.store_dtype, "metadata": store_metadata(profile, split, lm)}
+    try:
+        writer = StoreWriter(directory, **identity)
+    except ValueError as err:  # a store of other settings: say which folder to delete and what to rerun
+        stored = json.loads((directory / MANIFEST).read_text())
+        raise ValueError(stale_store_message(profile, split, differences(stored, identity) or [str(err)])) from err
     if writer.is_complete:
         return ActivationStore(directory, hook=profile.hook, d_in=profile.d_in)
     n, size, done = len(tokens), profile.capture_batch_size, writer.contexts_done
@@ -99,7 +147,7 @@ def norm_by_position(lm, input_ids: torch.Tensor, hook: str, device: str | None 
                          "q10": q[0].numpy(), "q90": q[1].numpy()})
 
 
-def value_sample(store: ActivationStore, n: int = 200_000, seed: int = 0):
+def value_sample(store: ActivationStore, n: int = VALUE_SAMPLE_SIZE, seed: int = 0):
     """About n activation values: all d_in values of rows drawn uniformly from every shard (numpy)."""
     generator = torch.Generator().manual_seed(seed)
     share = min(1.0, n / max(store.n_rows * store.d_in, 1))

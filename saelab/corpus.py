@@ -63,6 +63,9 @@ def _open_source(profile: Profile):
     local = path.suffix in LOCAL_FORMATS or path.exists()
     try:
         if local:
+            if not path.exists():
+                raise DataSourceError(f"local dataset {path} does not exist; check the path in dataset_id "
+                                      "(absolute, or relative to the notebook's folder). " + alternatives(profile))
             if not path.is_file() or path.suffix not in LOCAL_FORMATS:
                 raise DataSourceError(f"local dataset {path} is not a file ending in one of "
                                       f"{sorted(LOCAL_FORMATS)}. " + alternatives(profile))

@@ -17,6 +17,7 @@ import os
 import shutil
 from collections.abc import Iterable, Iterator
 from itertools import islice
+from pathlib import Path
 
 from saelab import paths
 from saelab.config import EOT, Profile
@@ -27,8 +28,12 @@ INFO = "info.json"
 TOKENIZER = "tokenizer"  # folder (save_pretrained) under tokens_dir, so AutoTokenizer can reload it
 
 
-def load_tokenizer(profile: Profile):
-    """GPT-2's tokenizer (gpt2/quick), or a BPE trained on the offline corpus, cached on disk."""
+def load_tokenizer(profile: Profile, directory=None):
+    """GPT-2's tokenizer (gpt2/quick), or a BPE trained on the offline corpus, cached on disk.
+
+    directory: where the offline BPE is cached (default `paths.tokens_dir(profile)`; build_tokens
+    passes its temp folder).
+    """
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     if not profile.is_offline:
@@ -38,7 +43,7 @@ def load_tokenizer(profile: Profile):
             raise DataSourceError(f"cannot load the {profile.model_name!r} tokenizer from the Hugging Face "
                                   f"hub or its cache ({err}); on a machine without the hub use "
                                   "SAELAB_PROFILE=offline") from err
-    path = paths.tokens_dir(profile) / TOKENIZER
+    path = Path(directory or paths.tokens_dir(profile)) / TOKENIZER
     if not (path / "tokenizer.json").is_file():
         documents = list(islice(iter_documents(profile), profile.n_texts))  # train documents only
         bpe = train_bpe(documents, profile.offline_vocab_size)
@@ -73,7 +78,7 @@ def pack(token_lists: Iterable[list[int]], context_size: int, eot_id: int, trunc
             del stream[:body]
 
 
-def _settings(profile: Profile) -> dict:
+def token_settings(profile: Profile) -> dict:
     """What the token files depend on; a different value means they are rebuilt."""
     keys = ("model_name", "dataset_id", "dataset_revision", "dataset_split", "text_column", "n_texts",
             "mae_texts", "context_size", "truncate_documents", "offline_vocab_size")
@@ -88,28 +93,45 @@ def read_info(profile: Profile) -> dict | None:
 def build_tokens(profile: Profile, batch_docs: int = 256) -> dict:
     """Tokenize and pack both splits; reuse the files on disk when they match the profile."""
     info = read_info(profile)
-    if info and info["settings"] == _settings(profile) and all(
+    if info and info["settings"] == token_settings(profile) and all(
             (paths.tokens_dir(profile) / s).is_dir() for s in SPLITS):
         return {split: load_tokens(profile, split) for split in SPLITS}
     out = paths.tokens_dir(profile)
-    if out.exists():  # stale files from other settings (tokenizer included): start over
-        shutil.rmtree(out)
-    tokenizer = load_tokenizer(profile)
+    building = out.with_name(out.name + ".building")  # sibling: the old tokens stay until this is complete
+    shutil.rmtree(building, ignore_errors=True)  # leftovers of an earlier failed build
+    building.mkdir(parents=True)
+    try:
+        info = _build_into(building, profile, batch_docs)
+    except BaseException:  # a typo in dataset_id, a hub outage, Ctrl-C: the old tokens are kept
+        shutil.rmtree(building, ignore_errors=True)
+        raise
+    (building / INFO).write_text(json.dumps(info, indent=2))  # written last: marks the build complete
+    old = out.with_name(out.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if out.exists():  # tokens of other settings (tokenizer included) are replaced only now
+        os.replace(out, old)
+    os.replace(building, out)
+    shutil.rmtree(old, ignore_errors=True)
+    return {split: load_tokens(profile, split) for split in SPLITS}
+
+
+def _build_into(directory: Path, profile: Profile, batch_docs: int) -> dict:
+    """Tokenizer (offline) and both splits written into directory; returns the info to record."""
+    tokenizer = load_tokenizer(profile, directory)
     documents = iter_documents(profile)
     wanted = {"train": profile.n_texts, "mae": profile.mae_texts}
-    info = {"settings": _settings(profile), "profile": profile.name, "splits": {}}
+    info = {"settings": token_settings(profile), "profile": profile.name, "splits": {}}
     for split in SPLITS:
         texts = list(islice(documents, wanted[split]))
         if len(texts) < wanted[split]:
             raise DataSourceError(f"{profile.dataset_id} gave only {len(texts)} documents for split {split!r} "
                                   f"({wanted[split]} wanted); lower n_texts/mae_texts or use a larger source. "
                                   + alternatives(profile))
-        info["splits"][split] = _write_split(profile, split, texts, tokenizer, batch_docs)
-    (out / INFO).write_text(json.dumps(info, indent=2))  # written last: marks the build complete
-    return {split: load_tokens(profile, split) for split in SPLITS}
+        info["splits"][split] = _write_split(profile, split, texts, tokenizer, batch_docs, directory / split)
+    return info
 
 
-def _write_split(profile: Profile, split: str, texts: list[str], tokenizer, batch_docs: int) -> dict:
+def _write_split(profile: Profile, split: str, texts: list[str], tokenizer, batch_docs: int, target: Path) -> dict:
     import datasets
 
     lengths: list[int] = []  # tokens per document before truncation, for notebook 01's histogram
@@ -126,7 +148,6 @@ def _write_split(profile: Profile, split: str, texts: list[str], tokenizer, batc
         raise DataSourceError(f"split {split!r}: {len(texts)} documents make no full context of "
                               f"{profile.context_size} tokens; use more documents or a smaller context_size")
     features = datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int32"))})
-    target = paths.tokens_dir(profile) / split
     datasets.Dataset.from_dict({"input_ids": rows}, features=features).save_to_disk(str(target))
     return {"documents": len(texts), "document_tokens": sum(lengths), "contexts": len(rows),
             "context_tokens": len(rows) * profile.context_size, "document_lengths": lengths}
@@ -157,7 +178,7 @@ def load_tokens(profile: Profile, split: str = "train"):
     if info is None or not (paths.tokens_dir(profile) / split).is_dir():
         raise FileNotFoundError(f"no token dataset at {paths.tokens_dir(profile)}; run notebook 01_data "
                                 "(saelab.data.build_tokens(profile)) first")
-    if info["settings"] != _settings(profile):
+    if info["settings"] != token_settings(profile):
         raise ValueError(f"the tokens at {paths.tokens_dir(profile)} were built with other settings "
                          f"{info['settings']}; rerun notebook 01_data to rebuild them for this profile")
     return datasets.load_from_disk(str(paths.tokens_dir(profile) / split))

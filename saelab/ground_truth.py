@@ -10,6 +10,10 @@ l1 = SAE(tied=False), topk = SAE(tied=False, k=k) trained with λ = 0.
 
 from __future__ import annotations
 
+import hashlib
+import os
+from pathlib import Path
+
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
@@ -38,24 +42,25 @@ def fit_and_score(data: SyntheticData, recipe: str, d_sae: int, knob: float, *, 
     torch.manual_seed(seed)  # same initialisation for every point of the sweep
     d_in = data.activations.shape[1]
     sae, l1_coefficient = recipe_sae(recipe, d_in, d_sae, knob)
-    # CPU threads are the profile's (config.apply_threads in notebook 05): tiny SAEs train ~10x faster
-    # on one thread than on 2 shared cores (measured on the offline sweep)
     train_sae(sae, data.activations, l1_coefficient=l1_coefficient, seed=seed, device=device,
               progress=False, **train_kwargs)
     fit = evaluate(sae, data.activations, l1_coefficient)
-    variance = data.activations.var(dim=0).mean().item()  # per coordinate, as evaluate's mse
     return {"recipe": recipe, "d_sae": d_sae, "knob": "k" if recipe == "topk" else "λ", "knob_value": knob,
             **recovery_scores(data.features, sae.decoder_weight),
-            "l0": fit["l0"], "fvu": fit["mse"] / variance}
+            "l0": fit["l0"], "fvu": fit["fvu"]}
 
 
 def sweep(data: SyntheticData, *, l1_coefficients: tuple[float, ...], ks: tuple[int, ...],
           dict_sizes: tuple[int, ...], recipes: tuple[str, ...] = RECIPES, epochs: int = 20, lr: float = 3e-3,
-          batch_size: int = 256, seed: int = 0, device: str | None = None, progress: bool = True) -> pd.DataFrame:
+          batch_size: int = 256, seed: int = 0, device: str | None = None, progress: bool = True,
+          csv_path: str | os.PathLike | None = None) -> pd.DataFrame:
     """Every recipe x dictionary size x sparsity knob; one row per SAE with its recovery scores.
 
     Columns: recipe, d_sae, knob ("λ" or "k"), knob_value, mmcs (true -> learned), mmcs_learned
     (learned -> true), hungarian, recovered (share of true features at cos > 0.9), l0, fvu.
+    With csv_path, each finished SAE's row is saved there at once (with the settings it was trained
+    with), and points already there with the same settings and data are not trained again: an
+    interrupted sweep resumes where it stopped.
     """
     unknown = set(recipes) - set(RECIPES)
     if unknown:
@@ -64,10 +69,44 @@ def sweep(data: SyntheticData, *, l1_coefficients: tuple[float, ...], ks: tuple[
               for knob in (ks if recipe == "topk" else l1_coefficients)]
     if not points:
         raise ValueError("the sweep is empty: give at least one dictionary size and one λ or k")
-    rows = [fit_and_score(data, recipe, d_sae, knob, seed=seed, device=device, epochs=epochs, lr=lr,
-                          batch_size=batch_size)
-            for recipe, d_sae, knob in tqdm(points, desc="SAEs", disable=not progress)]
+    settings = {"epochs": epochs, "lr": lr, "batch_size": batch_size, "seed": seed, "data": fingerprint(data)}
+    saved = _read_rows(csv_path)
+    rows = []
+    for recipe, d_sae, knob in tqdm(points, desc="SAEs", disable=not progress):
+        key = {"recipe": recipe, "d_sae": d_sae, "knob_value": float(knob), **settings}
+        done = next((row for row in saved if all(row.get(k) == v for k, v in key.items())), None)
+        if done is None:
+            done = {**fit_and_score(data, recipe, d_sae, knob, seed=seed, device=device, epochs=epochs, lr=lr,
+                                    batch_size=batch_size), **settings}
+            saved.append(done)
+            if csv_path is not None:
+                _write_rows(csv_path, saved)
+        rows.append({k: v for k, v in done.items() if k not in settings})
     return pd.DataFrame(rows)
+
+
+def fingerprint(data: SyntheticData) -> str:
+    """A short hash of the activations: a resumed sweep must be on the very same data."""
+    return hashlib.sha256(data.activations.detach().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
+
+
+def _read_rows(csv_path) -> list[dict]:
+    if csv_path is None or not Path(csv_path).is_file():
+        return []
+    try:
+        return pd.read_csv(csv_path, dtype={"data": str}).to_dict("records")
+    except (ValueError, pd.errors.ParserError) as err:
+        raise ValueError(f"cannot read the sweep results {csv_path} ({err}); delete it to rerun the sweep "
+                         "from scratch") from err
+
+
+def _write_rows(csv_path, rows: list[dict]) -> None:
+    """The whole file rewritten via a temp file + rename: a kill leaves the old or the new file, never half."""
+    path = Path(csv_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    pd.DataFrame(rows).to_csv(tmp, index=False)
+    os.replace(tmp, path)
 
 
 def best_per_recipe(results: pd.DataFrame, by: str = "mmcs") -> pd.DataFrame:

@@ -120,3 +120,22 @@ def ce_loss_recovered(lm, sae, tokens: torch.Tensor, hook: str, batch_size: int 
     out = {name: total / n_tokens for name, total in sums.items()}
     out["ce_loss_recovered"] = (out["ce_zero"] - out["ce_sae"]) / (out["ce_zero"] - out["ce_clean"])
     return out
+
+
+# nats: below this CE_zero - CE_clean, the ratio above divides by almost nothing (the same cut as
+# train.describe_recipes uses for the recipe table; offline's random model zero-ablates to ~+0.01 nats)
+ILL_CONDITIONED_GAP = 0.05
+
+
+def describe_ce(ce: dict[str, float]) -> str:
+    """One line to print next to the CE loss recovered number, with its caveat when it needs one."""
+    gap, recovered = ce["ce_zero"] - ce["ce_clean"], ce["ce_loss_recovered"]
+    if gap < ILL_CONDITIONED_GAP:
+        return (f"Caveat: zeroing the residual stream raises CE by only {gap:.3f} nats here, so CE loss recovered "
+                f"({recovered:.0%}) divides by almost nothing and can leave 0-100%; read FVU and KL instead.")
+    if not 0 <= recovered <= 1:
+        side = "below the clean model's" if recovered > 1 else "above the zero-ablated model's"
+        return (f"Caveat: CE loss recovered {recovered:.0%} is outside 0-100%: CE with the SAE spliced in "
+                f"({ce['ce_sae']:.3f}) is {side}.")
+    return (f"CE loss recovered {recovered:.1%}: the SAE adds {ce['ce_sae'] - ce['ce_clean']:.3f} nats of CE "
+            f"out of the {gap:.3f} that zeroing the residual stream costs.")

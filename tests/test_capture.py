@@ -8,7 +8,7 @@ import pytest
 import torch
 from tiny import tiny_fixture, tiny_tokens_root_fixture  # noqa: F401  (fixtures)
 
-from saelab import capture, lm, paths
+from saelab import capture, data, lm, paths
 from saelab.data import load_tokens
 from saelab.store import ActivationStore
 
@@ -86,3 +86,29 @@ def test_reader_asking_for_another_hook_or_width_is_refused(tiny):
         ActivationStore(store.directory, hook="blocks.5.hook_resid_pre")
     with pytest.raises(ValueError, match="d_in=64, but d_in=768"):
         ActivationStore(store.directory, d_in=768)
+
+
+def test_open_store_returns_the_store_captured_for_this_profile(tiny):
+    store = capture.capture_activations(tiny, device="cpu", progress=False)
+    assert capture.open_store(tiny, "train").n_rows == store.n_rows
+
+
+def test_open_store_refuses_a_store_made_before_the_tokens_were_rebuilt(tiny):
+    """Notebook 01 rerun with other settings: notebooks 03-04 must not train on the old activations."""
+    capture.capture_activations(tiny, device="cpu", progress=False)
+    newer = tiny.replace(n_texts=20)
+    data.build_tokens(newer)
+    with pytest.raises(ValueError, match=r"(?s)other settings.*n_texts.*Delete runs/tiny/activations/train and "
+                                         r"rerun notebook 02_activations"):
+        capture.open_store(newer, "train")
+    with pytest.raises(ValueError, match=r"(?s)other settings.*Delete runs/tiny/activations/train and "
+                                         r"rerun notebook 02_activations"):
+        capture.capture_activations(newer, device="cpu", progress=False)
+
+
+def test_open_store_refuses_another_hook_or_position_rule(tiny):
+    capture.capture_activations(tiny, device="cpu", progress=False)
+    with pytest.raises(ValueError, match="hook.*Delete runs/tiny/activations/train"):
+        capture.open_store(tiny.replace(hook="blocks.0.hook_resid_pre"), "train")
+    with pytest.raises(ValueError, match="exclude_first_position"):
+        capture.open_store(tiny.replace(exclude_first_position=False), "train")

@@ -102,9 +102,15 @@ def test_missing_text_column_names_the_columns(tmp_path, no_hub):
         next(iter_documents(GPT2.replace(dataset_id=str(path))))
 
 
-def test_unknown_local_file_names_the_alternatives(tmp_path):
-    with pytest.raises(DataSourceError, match="not a file.*SAELAB_PROFILE=offline"):
+def test_missing_local_file_says_it_does_not_exist(tmp_path):
+    with pytest.raises(DataSourceError, match="missing.jsonl does not exist; check the path.*SAELAB_PROFILE=offline"):
         next(iter_documents(GPT2.replace(dataset_id=str(tmp_path / "missing.jsonl"))))
+
+
+def test_local_path_of_unknown_format_names_the_formats(tmp_path):
+    (tmp_path / "docs.csv").mkdir()  # exists, but is a folder
+    with pytest.raises(DataSourceError, match=r"not a file ending in one of \[.*SAELAB_PROFILE=offline"):
+        next(iter_documents(GPT2.replace(dataset_id=str(tmp_path / "docs.csv"))))
 
 
 def test_hub_without_network_names_the_alternatives(no_hub):
@@ -124,3 +130,19 @@ def test_too_few_documents_is_a_clear_error(tmp_path, no_hub):
     with pytest.raises(DataSourceError, match="gave only 1 documents.*lower n_texts"):
         data.build_tokens(TINY.replace(dataset_id=str(path), n_texts=5))
     assert not (paths.tokens_dir(TINY) / data.INFO).exists()
+
+
+def test_failed_rebuild_keeps_the_old_tokens(tiny, tmp_path, no_hub):
+    """A typo in dataset_id (or a hub outage) must not delete tokens already built, tokenizer included."""
+    before = data.load_tokens(tiny, "train")["input_ids"]
+    with pytest.raises(DataSourceError, match="does not exist"):
+        data.build_tokens(tiny.replace(dataset_id=str(tmp_path / "typo.jsonl")))
+    assert data.load_tokens(tiny, "train")["input_ids"] == before
+    assert (paths.tokens_dir(tiny) / data.TOKENIZER / "tokenizer.json").is_file()
+    assert not paths.tokens_dir(tiny).with_name("tokens.building").exists()
+
+
+def test_rebuild_with_other_settings_replaces_the_old_tokens(tiny):
+    rebuilt = data.build_tokens(tiny.replace(context_size=32))
+    assert len(rebuilt["train"][0]["input_ids"]) == 32 and data.read_info(tiny)["settings"]["context_size"] == 32
+    assert sorted(p.name for p in paths.tokens_dir(tiny).parent.iterdir()) == ["tokens"]

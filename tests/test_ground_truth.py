@@ -2,6 +2,7 @@ import pandas as pd
 import pytest
 import torch
 
+from saelab import ground_truth
 from saelab.config import apply_threads, load_profile
 from saelab.ground_truth import (
     best_per_recipe,
@@ -71,3 +72,72 @@ def test_best_per_recipe_picks_the_highest_mmcs():
     results = pd.DataFrame({"recipe": ["topk", "topk", "l1"], "knob_value": [2, 4, 1e-3], "mmcs": [0.5, 0.9, 0.7]})
     best = best_per_recipe(results)
     assert list(best.recipe) == ["topk", "l1"] and list(best.knob_value) == [4, 1e-3]
+
+
+SMALL = {"l1_coefficients": (1e-3, 1e-2), "ks": (1,), "dict_sizes": (8,), "epochs": 1, "progress": False}
+
+
+REAL_FIT = ground_truth.fit_and_score
+
+
+class Interrupt(Exception):
+    pass
+
+
+def counting_fits(monkeypatch, fail_after: int | None = None) -> list:
+    """fit_and_score, counted; it raises Interrupt once `fail_after` points have finished."""
+    calls = []
+
+    def fit(data, recipe, d_sae, knob, **kwargs):
+        if fail_after is not None and len(calls) == fail_after:
+            raise Interrupt
+        calls.append((recipe, d_sae, knob))
+        return REAL_FIT(data, recipe, d_sae, knob, **kwargs)
+
+    monkeypatch.setattr(ground_truth, "fit_and_score", fit)
+    return calls
+
+
+def test_an_interrupted_sweep_resumes_to_the_same_results(tmp_path, monkeypatch):
+    data = make_synthetic(128, d=4, n_features=8, mean_active=1.0)
+    whole = sweep(data, **SMALL)  # 5 points: tied_l1 x 2, l1 x 2, topk x 1
+    csv = tmp_path / "sweep.csv"
+    counting_fits(monkeypatch, fail_after=2)
+    with pytest.raises(Interrupt):
+        sweep(data, csv_path=csv, **SMALL)
+    assert len(pd.read_csv(csv)) == 2  # the two finished points were saved as they finished
+    calls = counting_fits(monkeypatch)
+    resumed = sweep(data, csv_path=csv, **SMALL)
+    assert calls == [("l1", 8, 1e-3), ("l1", 8, 1e-2), ("topk", 8, 1)]  # only the missing points
+    pd.testing.assert_frame_equal(resumed, whole)
+    assert counting_fits(monkeypatch) == [] and sweep(data, csv_path=csv, **SMALL).equals(resumed)
+
+
+def test_saved_points_of_other_settings_or_data_are_trained_again(tmp_path, monkeypatch):
+    data = make_synthetic(128, d=4, n_features=8, mean_active=1.0)
+    csv = tmp_path / "sweep.csv"
+    sweep(data, csv_path=csv, **SMALL)
+    calls = counting_fits(monkeypatch)
+    sweep(data, csv_path=csv, **{**SMALL, "epochs": 2})
+    sweep(make_synthetic(128, d=4, n_features=8, mean_active=1.0, seed=1), csv_path=csv, **SMALL)
+    assert len(calls) == 2 * 5 and len(pd.read_csv(csv)) == 3 * 5  # earlier rows are kept, not overwritten
+
+
+def test_an_unreadable_results_file_says_delete_it(tmp_path):
+    csv = tmp_path / "sweep.csv"
+    csv.write_bytes(b"\x00\xff\"unterminated")
+    with pytest.raises(ValueError, match="delete it to rerun the sweep"):
+        sweep(make_synthetic(16, d=4, n_features=8, mean_active=1.0), csv_path=csv, **SMALL)
+
+
+def test_fvu_is_the_fits_own(monkeypatch):
+    """FVU = SSE / sum ||x - mean||^2 (population), by hand on 4 samples for an untrained SAE."""
+    data = make_synthetic(4, d=4, n_features=8, mean_active=2.0)
+    monkeypatch.setattr(ground_truth, "train_sae", lambda *args, **kwargs: None)
+    fvu = fit_and_score(data, "l1", d_sae=8, knob=1e-3)["fvu"]
+    torch.manual_seed(0)
+    sae, _ = recipe_sae("l1", 4, 8, 1e-3)
+    x = data.activations
+    with torch.no_grad():
+        expected = (sae(x).x_hat - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
+    assert fvu == pytest.approx(expected.item(), rel=1e-5)

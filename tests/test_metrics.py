@@ -1,4 +1,5 @@
 import math
+import re
 
 import pytest
 import torch
@@ -8,6 +9,7 @@ from saelab.metrics import (
     ce_loss_recovered,
     dead_fraction,
     dense_fraction,
+    describe_ce,
     evaluate_sae,
     feature_density,
     fvu,
@@ -96,3 +98,14 @@ def test_evaluate_sae_in_batches_equals_the_one_batch_formulas():
     for name, value in whole.items():
         assert batched[name] == pytest.approx(value, rel=1e-5), name
     assert torch.allclose(batched["density"], feature_density(out.h).double())
+
+
+@pytest.mark.parametrize("ce, says", [
+    ({"ce_clean": 5.0, "ce_zero": 5.01, "ce_sae": 4.963, "ce_loss_recovered": 4.7}, "only 0.010 nats.*470%"),
+    ({"ce_clean": 3.0, "ce_zero": 10.0, "ce_sae": 2.3, "ce_loss_recovered": 1.1}, "110% is outside.*below the clean"),
+    ({"ce_clean": 3.0, "ce_zero": 10.0, "ce_sae": 3.7, "ce_loss_recovered": 0.9}, "^CE loss recovered 90.0%: the SAE "
+                                                                                  "adds 0.700 nats.*7.000"),
+])
+def test_ce_description_carries_its_caveat_when_the_ratio_misleads(ce, says):
+    assert re.search(says, describe_ce(ce))
+    assert describe_ce(ce).startswith("Caveat") == ("outside" in says or "only" in says)
