@@ -84,3 +84,18 @@ def test_float32_data_on_cpu_is_not_copied_for_training():
 def test_bad_activations_are_clear_errors(bad, message):
     with pytest.raises(ValueError, match=message):
         check_activations(bad)
+
+
+def test_nan_check_works_chunk_by_chunk(monkeypatch):
+    """isfinite over all rows at once would allocate temporaries larger than the data itself."""
+    import saelab.batching as batching
+
+    sizes, isfinite = [], torch.isfinite
+    monkeypatch.setattr(batching, "CHECK_ROWS", 4)
+    monkeypatch.setattr(torch, "isfinite", lambda t: sizes.append(t.shape[0]) or isfinite(t))
+    data = rows(10)
+    check_activations(data)
+    data[9, 1] = float("inf")
+    with pytest.raises(ValueError, match="1 activation rows"):
+        check_activations(data)
+    assert sizes and max(sizes) <= 4
