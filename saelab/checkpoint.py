@@ -83,6 +83,6 @@ def load_checkpoint(directory: str | os.PathLike, device: str | torch.device = "
         tensors = load_file(folder / "trainer.safetensors", device=str(device))
         state = json.loads((folder / "state.json").read_text())
     except (OSError, ValueError, SafetensorError) as err:
-        raise ValueError(f"the checkpoint {folder} is damaged ({err}); delete {directory} to train "
-                         "from scratch (resume=False)") from err
+        raise ValueError(f"the checkpoint {folder} is damaged ({err}); train from scratch with "
+                         f"overwrite=True (deletes {directory}) or use another run_dir") from err
     return Checkpoint(sae, tensors, state)

@@ -18,6 +18,7 @@ from urllib.parse import urlparse
 
 RECIPES = ("tied_l1", "l1", "topk")
 STORE_DTYPES = ("float16", "bfloat16", "float32")
+B_DEC_INITS = ("zeros", "mean", "geometric_median")  # saelab.recipes.init_b_dec (a test keeps them equal)
 OFFLINE_MODEL = "offline-tiny"  # a seeded random GPT-2-architecture model built from a config
 OFFLINE_CORPUS = "offline:installed-docs"  # dataset_id of the corpus harvested from installed docstrings
 EOT = "<|endoftext|>"  # GPT-2's separator, also the offline tokenizer's; BOS of every context
@@ -124,7 +125,7 @@ class Profile:
             problems.append(f"torch_threads={self.torch_threads}: 0 (torch's default) or a positive thread count")
         if not (self.lr > 0 and self.l1_coefficient >= 0):
             problems.append("lr must be > 0 and l1_coefficient >= 0")
-        problems += self._synthetic_problems()
+        problems += self._training_problems() + self._synthetic_problems()
         if self.context_size < 2 and self.exclude_first_position:
             problems.append("context_size must be >= 2 when exclude_first_position is set")
         if self.is_offline and not problems and self.offline_n_layers <= self.layer:
@@ -133,6 +134,28 @@ class Profile:
             problems.append(f"d_in={self.d_in} must be divisible by offline_n_heads={self.offline_n_heads}")
         if problems:
             raise ValueError(f"invalid profile {self.name!r}:\n  " + "\n  ".join(problems))
+
+    def _training_problems(self) -> list[str]:
+        """The training options (saelab.loop.TrainConfig checks them again), caught here before any
+        activations are loaded."""
+        def count(name: str, minimum: int) -> bool:
+            value = getattr(self, name)
+            return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+        problems = []
+        if not count("checkpoint_every", 1):
+            problems.append(f"checkpoint_every={self.checkpoint_every!r}: optimizer steps between checkpoints, "
+                            "a positive integer (default 1000)")
+        if not count("ce_eval_contexts", 1):
+            problems.append(f"ce_eval_contexts={self.ce_eval_contexts!r}: held-out contexts for CE loss recovered, "
+                            "a positive integer (default 256)")
+        if not count("aux_k", 0):
+            problems.append(f"aux_k={self.aux_k!r}: an integer >= 0 (0 = a power of two near d_in / 2)")
+        if not count("l1_warmup_steps", 0):
+            problems.append(f"l1_warmup_steps={self.l1_warmup_steps!r}: an integer >= 0 (0 = constant λ)")
+        if self.b_dec_init not in B_DEC_INITS:
+            problems.append(f"b_dec_init={self.b_dec_init!r}: choose one of {B_DEC_INITS}")
+        return problems
 
     def _synthetic_problems(self) -> list[str]:
         problems = []

@@ -1,8 +1,10 @@
 """The training loop shared by all recipes, and what it needs: TrainConfig, Adam, evaluation.
 
 `saelab.train.train_sae` is the public entry; `TrainingRun.loop` reads top to bottom in phases:
-shuffle (one seeded randperm per epoch, on the data's device) -> batch -> gradients by recipe ->
-Adam step -> decoder constraint -> account (no host sync) -> log / checkpoint / stop.
+shuffle (`batching.shuffled_batches`: one seeded randperm of the training rows per epoch, on the
+data's device) -> batch -> gradients by recipe -> Adam step -> decoder constraint -> account (no
+host sync) -> log / checkpoint / stop. The run holds all activations once plus the row indices of
+its train/validation split (`batching.train_val_split`), never a copy of either side.
 """
 
 from __future__ import annotations
@@ -14,9 +16,10 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from saelab.batching import sequential_batches
+from saelab.batching import Split, shuffled_batches
 from saelab.checkpoint import load_checkpoint, restore_optimizer, save_checkpoint
-from saelab.loss import l1_penalty, reconstruction_mse
+from saelab.config import B_DEC_INITS
+from saelab.metrics import evaluate_sae
 from saelab.progress import Progress
 from saelab.recipes import default_aux_k, normalise_decoder_rows, train_step
 from saelab.sae import SAE
@@ -43,37 +46,39 @@ class TrainConfig:
     checkpoint_every: int = 1_000  # steps; only with run_dir
     log_every: int = 100  # steps between wandb points and progress-bar updates (each one host sync)
 
+    def __post_init__(self) -> None:
+        counts = ("batch_size", "epochs", "checkpoint_every", "log_every", "dead_after_tokens")
+        problems = [f"{name}={getattr(self, name)!r}: must be a positive integer" for name in counts
+                    if not (isinstance(getattr(self, name), int) and getattr(self, name) > 0)]
+        problems += [f"{name}={getattr(self, name)!r}: must be an integer >= 0 (0 = {meaning})"
+                     for name, meaning in (("aux_k", "default_aux_k(d_in)"), ("l1_warmup_steps", "constant λ"))
+                     if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 0)]
+        if self.b_dec_init not in B_DEC_INITS:
+            problems.append(f"b_dec_init={self.b_dec_init!r}: choose one of {B_DEC_INITS}")
+        if problems:
+            raise ValueError("invalid training settings:\n  " + "\n  ".join(problems))
+
     @classmethod
     def from_profile(cls, profile) -> TrainConfig:
         return cls(**{f.name: getattr(profile, f.name) for f in dataclasses.fields(cls) if hasattr(profile, f.name)})
 
 
-@torch.no_grad()
-def evaluate(sae: SAE, data: torch.Tensor, l1_coefficient: float, batch_size: int = 4096) -> dict:
-    """Averages over all rows of `data`: loss parts, L0, active fraction, FVU (one sync per batch)."""
-    device = next(sae.parameters()).device
-    sums = torch.zeros(5, dtype=torch.float64, device=device)  # sse, l1*rows, l0, sum ||x||^2, rows
-    x_sum = torch.zeros(sae.d_in, dtype=torch.float64, device=device)
-    for batch in sequential_batches(data, batch_size):
-        x = batch.to(device, torch.float32)
-        x_hat, h = sae(x)
-        rows = x.shape[0]
-        sums += torch.stack([reconstruction_mse(x, x_hat) * x.numel(), l1_penalty(h) * rows,
-                             torch.count_nonzero(h).float(), x.pow(2).sum(), torch.tensor(rows, device=device)])
-        x_sum += x.double().sum(0)
-    sse, l1_sum, l0_sum, x_sq, n = sums.tolist()
-    mse, l1, l0 = sse / (n * sae.d_in), l1_sum / n, l0_sum / n
-    loss = mse + (l1_coefficient * l1 if sae.k is None else 0.0)  # topk: no L1 in its objective
-    variance = x_sq - x_sum.pow(2).sum().item() / n
-    return {"mse": mse, "l1": l1, "loss": loss, "l0": l0, "fraction_active": l0 / sae.d_sae,
-            "fvu": sse / variance if variance > 0 else float("nan")}
+def evaluate(sae: SAE, data: torch.Tensor, l1_coefficient: float, batch_size: int = 4096,
+             rows: torch.Tensor | None = None) -> dict[str, float]:
+    """The per-epoch validation metrics (`metrics.evaluate_sae` over `rows` of `data`) and the
+    training objective on them: loss = mse + λ·l1 (topk: mse; its AuxK term needs the dead set)."""
+    m = evaluate_sae(sae, data, batch_size, rows)
+    loss = m["mse"] + (l1_coefficient * m["l1"] if sae.k is None else 0.0)
+    return {"mse": m["mse"], "l1": m["l1"], "loss": loss, "l0": m["l0"], "fraction_active": m["fraction_active"],
+            "fvu": m["fvu"]}
 
 
 @torch.no_grad()
-def total_variance(data: torch.Tensor, chunk: int = 8_192) -> float:
-    """sum over rows of ||x - mean||^2, in float64, chunk by chunk (no copy of all the data)."""
-    mean = data.sum(0, dtype=torch.float64) / data.shape[0]
-    return sum((part.double() - mean).pow(2).sum().item() for part in data.split(chunk))
+def total_variance(data: torch.Tensor, rows: torch.Tensor, chunk: int = 8_192) -> float:
+    """sum over `rows` of data of ||x - mean||^2, in float64, chunk by chunk (no copy of the rows)."""
+    rows = rows.to(data.device)
+    mean = sum(data.index_select(0, part).sum(0, dtype=torch.float64) for part in rows.split(chunk)) / rows.shape[0]
+    return sum((data.index_select(0, part).double() - mean).pow(2).sum().item() for part in rows.split(chunk))
 
 
 def make_adam(sae: SAE, lr: float) -> torch.optim.Optimizer:
@@ -87,14 +92,16 @@ def make_adam(sae: SAE, lr: float) -> torch.optim.Optimizer:
 class TrainingRun:
     """One training run's loop and the state it checkpoints."""
 
-    def __init__(self, sae: SAE, config: TrainConfig, train: torch.Tensor, device, fingerprint: dict,
+    def __init__(self, sae: SAE, config: TrainConfig, data: torch.Tensor, split: Split, device, fingerprint: dict,
                  run_dir: Path | None):
-        self.sae, self.config, self.train, self.device = sae.to(device), config, train, device
+        """data: (rows, d_in), all activations (train and validation); split: row indices into it."""
+        self.sae, self.config, self.data, self.device = sae.to(device), config, data, device
+        self.train, self.val = split.train.to(data.device), split.val.to(data.device)  # (n_train,), (n_val,)
         self.fingerprint, self.run_dir, self.wandb_id = fingerprint, run_dir, None
         self.optimizer = make_adam(sae, config.lr)
         self.progress = Progress(sae.d_sae, device)
-        self.variance = total_variance(train)  # for the epochs' training FVU
-        self.window = min(config.dead_after_tokens, train.shape[0])  # tokens; see TrainConfig
+        self.variance = total_variance(data, self.train)  # for the epochs' training FVU
+        self.window = min(config.dead_after_tokens, self.train.shape[0])  # tokens; see TrainConfig
         self.aux_k = config.aux_k or default_aux_k(sae.d_in)
         self.work: dict = {}  # buffers the tied step reuses across steps
 
@@ -109,7 +116,8 @@ class TrainingRun:
         changed = {k: (saved.get(k), v) for k, v in current.items() if k not in RESUMABLE_CHANGES and saved.get(k) != v}
         if changed:
             raise ValueError(f"cannot resume {directory}: the run was made with other settings or data {changed} "
-                             "(checkpoint, now). Use the same settings, or resume=False / a new run_dir to start over.")
+                             "(checkpoint, now). Use the same settings to continue it, or start over with "
+                             "overwrite=True (deletes its checkpoints) or another run_dir.")
         self.sae.load_state_dict(checkpoint.sae.state_dict())
         restore_optimizer(self.optimizer, checkpoint.tensors)
         self.progress.load(checkpoint.tensors, checkpoint.state)
@@ -138,18 +146,17 @@ class TrainingRun:
         warmup = self.config.l1_warmup_steps
         return self.config.l1_coefficient * (min(1.0, step / warmup) if warmup else 1.0)
 
-    def loop(self, val: torch.Tensor, log: RunLog, max_steps: int | None, progress: bool) -> bool:
+    def loop(self, log: RunLog, max_steps: int | None, progress: bool) -> bool:
         """Runs to the last epoch (True) or to max_steps (False)."""
         cfg, p, n = self.config, self.progress, self.train.shape[0]
         steps_per_epoch = -(-n // cfg.batch_size)
         bar = tqdm(total=cfg.epochs * steps_per_epoch, initial=p.step, desc="SAE steps",
                    disable=not progress or p.epoch > cfg.epochs)  # a finished run shows no bar
         while p.epoch <= cfg.epochs:
-            shuffle = torch.Generator(device=self.train.device).manual_seed(cfg.seed * 1_000_003 + p.epoch)
-            order = torch.randperm(n, generator=shuffle, device=self.train.device)
-            for start in range(p.batch * cfg.batch_size, n, cfg.batch_size):
+            shuffle = torch.Generator(device=self.data.device).manual_seed(cfg.seed * 1_000_003 + p.epoch)
+            for batch in shuffled_batches(self.data, cfg.batch_size, self.train, shuffle, start=p.batch):
                 # forward/backward -> step -> constrain decoder -> account (no host sync)
-                x = self.train.index_select(0, order[start:start + cfg.batch_size]).to(self.device, non_blocking=True)
+                x = batch.to(self.device, non_blocking=True)  # (batch, d_in)
                 stats = train_step(self.sae, x, self.l1_at(p.step + 1), p.dead(self.window), self.aux_k,
                                    cfg.aux_coefficient, self.work)
                 self.optimizer.step()
@@ -165,7 +172,7 @@ class TrainingRun:
                     self.checkpoint(log)
                     bar.close()
                     return False
-            self.end_epoch(val, log)
+            self.end_epoch(log)
         bar.close()
         return True
 
@@ -179,10 +186,11 @@ class TrainingRun:
         log.log(values, step=self.progress.step)
         bar.set_postfix(loss=f"{values['train/loss']:.4g}", l0=f"{values['train/l0']:.1f}")
 
-    def end_epoch(self, val: torch.Tensor, log: RunLog) -> None:
+    def end_epoch(self, log: RunLog) -> None:
         self.check_finite()
         row = self.progress.epoch_row(self.sae.d_in, self.window, self.variance)
-        row |= {f"val_{k}": v for k, v in evaluate(self.sae, val, self.config.l1_coefficient).items()}
+        val = evaluate(self.sae, self.data, self.config.l1_coefficient, rows=self.val)
+        row |= {f"val_{k}": v for k, v in val.items()}
         row |= {"lr": self.config.lr, "l1_coefficient": self.l1_at(self.progress.step)}
         self.progress.history.append(row)
         log.log({f"epoch/{k}": v for k, v in row.items()}, step=self.progress.step)

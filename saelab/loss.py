@@ -27,8 +27,10 @@ def l1_penalty(h: torch.Tensor) -> torch.Tensor:
 
 
 def decoder_weighted_l1_penalty(h: torch.Tensor, W_dec: torch.Tensor) -> torch.Tensor:
-    """E_batch sum_f |h_f| * ||W_dec[f]||_2  (untied SAE: the L1 cannot be dodged by shrinking h
-    and growing the decoder row; equals `l1_penalty` when decoder rows have unit norm).
+    """E_batch sum_f |h_f| * ||W_dec[f]||_2  (SAELens' and Anthropic's L1 for untied SAEs: it cannot be
+    dodged by shrinking h and growing the decoder row). Not used in training: the l1 recipe holds
+    decoder rows at unit norm (saelab.recipes), where this equals `l1_penalty`; kept as the
+    reference for that equivalence (tests/test_loss.py) and for comparing with SAELens' loss.
 
     h: (batch, d_sae), W_dec: (d_sae, d_in) -> scalar.
     """

@@ -49,32 +49,38 @@ def log10_density(density: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
     return torch.log10(density + eps)
 
 
-def reconstruction_metrics(x: torch.Tensor, x_hat: torch.Tensor, h: torch.Tensor) -> dict[str, float]:
-    """All the activation-only metrics for one batch of tokens, as plain floats for a table."""
-    density = feature_density(h)
-    return {"l0": l0(h).item(), "fvu": fvu(x, x_hat).item(), "normalised_mse": normalised_mse(x, x_hat).item(),
-            "dead_fraction": dead_fraction(density).item(), "dense_fraction": dense_fraction(density).item()}
-
-
 @torch.no_grad()
-def evaluate_sae(sae, activations: torch.Tensor, batch_size: int = 4096) -> dict:
-    """`reconstruction_metrics` over all rows of `activations`, batch by batch (never all of h at
-    once), with the same separate averaging; adds "density" (d_sae,) for the histogram."""
+def evaluate_sae(sae, activations: torch.Tensor, batch_size: int = 4096, rows: torch.Tensor | None = None) -> dict:
+    """The activation-only metrics above over `rows` of `activations` (all rows when None), batch by
+    batch (never all of h at once, never a copy of the rows), one host sync at the end. Each is
+    averaged as its one-batch formula: numerator and denominator summed over all tokens, then divided.
+
+    Returns floats l0, fraction_active (l0 / d_sae), mse (as `loss.reconstruction_mse`), l1 (as
+    `loss.l1_penalty`), fvu, normalised_mse, dead_fraction, dense_fraction, and "density" (d_sae,)
+    float64 for the histogram. The training loop's validation metrics come from here too.
+    """
     device = next(sae.parameters()).device
-    sse = x_sq = 0.0
-    x_sum = torch.zeros(activations.shape[1], dtype=torch.float64, device=device)
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # sse, sum ||x||^2, l1 sum, tokens
+    x_sum = torch.zeros(sae.d_in, dtype=torch.float64, device=device)
     fired = torch.zeros(sae.d_sae, dtype=torch.int64, device=device)
-    for batch in activations.split(batch_size):
-        x = batch.to(device, torch.float32)
-        x_hat, h = sae(x)
-        sse += (x - x_hat).double().pow(2).sum().item()
-        x_sq += x.double().pow(2).sum().item()
+    batches = activations.split(batch_size) if rows is None else (
+        activations.index_select(0, part) for part in rows.to(activations.device).split(batch_size))
+    for batch in batches:
+        x = batch.to(device, torch.float32)  # (batch, d_in)
+        x_hat, h = sae(x)  # (batch, d_in), (batch, d_sae)
+        sums += torch.stack([(x - x_hat).double().pow(2).sum(), x.double().pow(2).sum(),
+                             h.double().abs().sum(), torch.tensor(x.shape[0], dtype=torch.float64, device=device)])
         x_sum += x.double().sum(0)
         fired += torch.count_nonzero(h, dim=0)
-    n = activations.shape[0]
+    sse, x_sq, l1_sum, n = sums.tolist()
+    if n == 0:
+        raise ValueError("no activation rows to evaluate")
     density = fired.cpu().double() / n
     variance = x_sq - x_sum.pow(2).sum().item() / n  # sum ||x - mean||^2
-    return {"l0": density.sum().item(), "fvu": sse / variance, "normalised_mse": sse / x_sq,
+    l0_mean = density.sum().item()
+    nan = float("nan")
+    return {"l0": l0_mean, "fraction_active": l0_mean / sae.d_sae, "mse": sse / (n * sae.d_in), "l1": l1_sum / n,
+            "fvu": sse / variance if variance > 0 else nan, "normalised_mse": sse / x_sq if x_sq > 0 else nan,
             "dead_fraction": dead_fraction(density).item(), "dense_fraction": dense_fraction(density).item(),
             "density": density}
 

@@ -1,4 +1,4 @@
-"""The three training recipes as step functions that one loop (`saelab.train`) shares.
+"""The three training recipes as step functions that one loop (`saelab.loop`) shares.
 
 The recipe follows from the SAE itself, so `train_sae(SAE(...), x)` needs no recipe flag:
 

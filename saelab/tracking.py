@@ -38,7 +38,8 @@ def _wandb_logged_in() -> bool:
 
 
 class RunLog:
-    """One training run's sinks. `log` takes a flat dict of floats; `epoch_row` also keeps it locally."""
+    """One training run's sinks. `log` sends a flat dict of floats to wandb (when enabled);
+    `save_history` writes the per-epoch rows (the loop keeps them) to history.csv."""
 
     def __init__(self, run_dir: Path | None, config: dict, run_id: str | None = None, name: str | None = None):
         self.run_dir, self.wandb_run = run_dir, None

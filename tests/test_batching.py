@@ -1,7 +1,13 @@
 import pytest
 import torch
 
-from saelab.batching import check_activations, sequential_batches, shuffled_batches, train_val_split
+from saelab.batching import (
+    check_activations,
+    sequential_batches,
+    shuffled_batches,
+    to_training_device,
+    train_val_split,
+)
 
 
 def rows(n: int, d: int = 3) -> torch.Tensor:
@@ -23,8 +29,19 @@ def test_batches_are_shuffled_and_sized():
     assert torch.cat([b[:, 0] for b in batches]).tolist() != list(range(100))
 
 
-def test_drop_last_drops_the_short_batch():
-    assert [b.shape[0] for b in shuffled_batches(rows(100), 32, drop_last=True)] == [32, 32, 32]
+def test_rows_limit_the_epoch_to_those_rows():
+    chosen = torch.tensor([7, 3, 11, 0, 5])
+    seen = torch.cat([b[:, 0] for b in shuffled_batches(rows(20), 2, rows=chosen,
+                                                          generator=torch.Generator().manual_seed(0))])
+    assert sorted(seen.tolist()) == [0, 3, 5, 7, 11]
+
+
+def test_start_skips_batches_of_the_same_order():
+    def epoch(start: int) -> list[float]:
+        batches = shuffled_batches(rows(50), 8, generator=torch.Generator().manual_seed(4), start=start)
+        return torch.cat([b[:, 0] for b in batches]).tolist()
+
+    assert epoch(2) == epoch(0)[16:]
 
 
 def test_same_seed_same_order():
@@ -33,20 +50,29 @@ def test_same_seed_same_order():
     assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
 
 
-def test_split_is_disjoint_complete_and_sized():
-    split = train_val_split(rows(100), val_fraction=0.1, seed=0)
-    train, val = split.train[:, 0].tolist(), split.val[:, 0].tolist()
-    assert len(val) == 10 and len(train) == 90
+def test_split_is_disjoint_complete_sized_and_seeded_row_indices():
+    split = train_val_split(100, val_fraction=0.1, seed=0)
+    train, val = split.train.tolist(), split.val.tolist()
+    assert split.train.dtype == torch.int64 and len(val) == 10 and len(train) == 90
     assert sorted(train + val) == list(range(100))
+    assert torch.equal(train_val_split(100, 0.1, seed=0).val, split.val)
+    assert not torch.equal(train_val_split(100, 0.1, seed=1).val, split.val)
 
 
 def test_tiny_split_keeps_one_row_each_side():
-    split = train_val_split(rows(2), val_fraction=0.01)
+    split = train_val_split(2, val_fraction=0.01)
     assert (split.train.shape[0], split.val.shape[0]) == (1, 1)
 
 
-def test_sequential_batches_keep_order():
+def test_sequential_batches_keep_order_of_all_rows_or_the_given_rows():
     assert torch.cat([b[:, 0] for b in sequential_batches(rows(7), 3)]).tolist() == list(range(7))
+    chosen = torch.tensor([5, 1, 6, 2])
+    assert torch.cat([b[:, 0] for b in sequential_batches(rows(7), 3, rows=chosen)]).tolist() == [5, 1, 6, 2]
+
+
+def test_float32_data_on_cpu_is_not_copied_for_training():
+    data = rows(10)
+    assert to_training_device(data, "cpu") is data
 
 
 @pytest.mark.parametrize("bad, message", [
@@ -58,3 +84,18 @@ def test_sequential_batches_keep_order():
 def test_bad_activations_are_clear_errors(bad, message):
     with pytest.raises(ValueError, match=message):
         check_activations(bad)
+
+
+def test_nan_check_works_chunk_by_chunk(monkeypatch):
+    """isfinite over all rows at once would allocate temporaries larger than the data itself."""
+    import saelab.batching as batching
+
+    sizes, isfinite = [], torch.isfinite
+    monkeypatch.setattr(batching, "CHECK_ROWS", 4)
+    monkeypatch.setattr(torch, "isfinite", lambda t: sizes.append(t.shape[0]) or isfinite(t))
+    data = rows(10)
+    check_activations(data)
+    data[9, 1] = float("inf")
+    with pytest.raises(ValueError, match="1 activation rows"):
+        check_activations(data)
+    assert sizes and max(sizes) <= 4

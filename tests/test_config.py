@@ -56,6 +56,11 @@ def test_overrides_replace_single_fields():
     ("batch_size", 0, "batch_size=0"),
     ("store_dtype", "int8", "store_dtype"),
     ("torch_threads", -1, "torch_threads=-1"),
+    ("checkpoint_every", 0, "checkpoint_every=0: optimizer steps between checkpoints, a positive integer"),
+    ("b_dec_init", "median", r"b_dec_init='median': choose one of \('zeros', 'mean', 'geometric_median'\)"),
+    ("ce_eval_contexts", 0, "ce_eval_contexts=0: .*positive integer"),
+    ("aux_k", -4, "aux_k=-4: an integer >= 0"),
+    ("l1_warmup_steps", 10.5, "l1_warmup_steps=10.5: an integer >= 0"),
 ])
 def test_invalid_values_say_what_to_change(field, value, message):
     with pytest.raises(ValueError, match=message):

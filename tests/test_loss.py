@@ -27,6 +27,12 @@ def test_decoder_weighted_l1_by_hand():
     assert decoder_weighted_l1_penalty(H, W_dec).item() == 3.75
 
 
+def test_decoder_weighted_l1_equals_l1_for_unit_norm_rows():
+    # the l1 recipe holds decoder rows at unit norm, so its plain L1 is SAELens' weighted one
+    W_dec = torch.nn.functional.normalize(torch.randn(3, 2), dim=1)
+    assert torch.isclose(decoder_weighted_l1_penalty(H, W_dec), l1_penalty(H))
+
+
 def test_total_loss_is_mse_plus_lambda_l1():
     assert torch.isclose(sae_loss(X, X_HAT, H, l1_coefficient=0.1), torch.tensor(5 / 4 + 0.3))
 

@@ -5,6 +5,7 @@ import pytest
 import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
+from saelab.loss import l1_penalty, reconstruction_mse
 from saelab.metrics import (
     ce_loss_recovered,
     dead_fraction,
@@ -16,7 +17,6 @@ from saelab.metrics import (
     l0,
     log10_density,
     normalised_mse,
-    reconstruction_metrics,
 )
 from saelab.sae import SAE
 
@@ -93,11 +93,14 @@ def test_evaluate_sae_in_batches_equals_the_one_batch_formulas():
     sae = SAE(4, 6)
     x = torch.randn(10, 4) + 2
     out = sae(x)
-    whole = reconstruction_metrics(x, out.x_hat, out.h)
+    density = feature_density(out.h)
+    whole = {"l0": l0(out.h), "fvu": fvu(x, out.x_hat), "normalised_mse": normalised_mse(x, out.x_hat),
+             "dead_fraction": dead_fraction(density), "dense_fraction": dense_fraction(density),
+             "mse": reconstruction_mse(x, out.x_hat), "l1": l1_penalty(out.h), "fraction_active": l0(out.h) / 6}
     batched = evaluate_sae(sae, x, batch_size=3)
     for name, value in whole.items():
-        assert batched[name] == pytest.approx(value, rel=1e-5), name
-    assert torch.allclose(batched["density"], feature_density(out.h).double())
+        assert batched[name] == pytest.approx(value.item(), rel=1e-5), name
+    assert torch.allclose(batched["density"], density.double())
 
 
 @pytest.mark.parametrize("ce, says", [
@@ -109,3 +112,12 @@ def test_evaluate_sae_in_batches_equals_the_one_batch_formulas():
 def test_ce_description_carries_its_caveat_when_the_ratio_misleads(ce, says):
     assert re.search(says, describe_ce(ce))
     assert describe_ce(ce).startswith("Caveat") == ("outside" in says or "only" in says)
+
+
+def test_evaluate_sae_on_given_rows_equals_evaluating_those_rows():
+    sae = SAE(4, 6)
+    x = torch.randn(10, 4)
+    rows = torch.tensor([8, 2, 5, 3])
+    on_rows, copied = evaluate_sae(sae, x, batch_size=3, rows=rows), evaluate_sae(sae, x[rows])
+    for name in ("l0", "fvu", "mse", "l1", "dead_fraction"):
+        assert on_rows[name] == pytest.approx(copied[name], rel=1e-9), name

@@ -109,3 +109,13 @@ def test_sae_for_profile_is_seeded_and_leaves_the_global_rng_alone():
     before = torch.random.get_rng_state()
     assert torch.equal(sae_for_profile(profile).W_enc, sae_for_profile(profile).W_enc)
     assert torch.equal(torch.random.get_rng_state(), before)
+
+
+def test_every_b_dec_init_a_profile_accepts_is_implemented():
+    from saelab.config import B_DEC_INITS
+
+    for method in B_DEC_INITS:
+        sae = SAE(d_in=3, d_sae=4)
+        with torch.no_grad():
+            init_b_dec(sae, torch.ones(5, 3), method)
+        assert torch.allclose(sae.b_dec, torch.zeros(3) if method == "zeros" else torch.ones(3), atol=1e-4)

@@ -5,7 +5,7 @@ import torch
 from saelab import paths
 from saelab.checkpoint import load_checkpoint
 from saelab.config import load_profile
-from saelab.loop import evaluate
+from saelab.loop import TrainingRun, evaluate
 from saelab.sae import SAE
 from saelab.train import train_profile, train_sae
 
@@ -124,3 +124,94 @@ def test_train_profile_writes_the_sae_folder_and_a_rerun_returns_it():
     again = train_profile(profile, data, progress=False)  # resumes the finished run: no more steps
     assert torch.equal(again.sae.W_enc, first.sae.W_enc)
     pd.testing.assert_frame_equal(again.history, first.history)
+
+
+def test_rerunning_without_resume_continues_the_crashed_run(tmp_path):
+    data = low_rank_data(n=700)
+    options = dict(epochs=2, batch_size=64, progress=False, checkpoint_every=4)
+    torch.manual_seed(1)
+    whole = train_sae(SAE(8, 16), data, run_dir=tmp_path / "whole", **options)
+    torch.manual_seed(1)
+    train_sae(SAE(8, 16), data, run_dir=tmp_path / "cut", max_steps=13, **options)
+    rerun = train_sae(SAE(8, 16), data, run_dir=tmp_path / "cut", **options)  # no resume argument
+    assert torch.equal(rerun.sae.W_enc, whole.sae.W_enc)
+
+
+def test_old_checkpoints_are_deleted_only_with_overwrite(tmp_path):
+    data = low_rank_data(n=300)
+    train_sae(SAE(8, 16), data, epochs=1, batch_size=64, progress=False, run_dir=tmp_path)
+    with pytest.raises(ValueError, match="overwrite=True"):  # other settings: refused, checkpoint kept
+        train_sae(SAE(8, 16), data, epochs=1, batch_size=32, progress=False, run_dir=tmp_path)
+    with pytest.raises(ValueError, match="overwrite=True"):  # resume=False alone deletes nothing either
+        train_sae(SAE(8, 16), data, epochs=1, batch_size=32, progress=False, run_dir=tmp_path, resume=False)
+    assert load_checkpoint(tmp_path / "checkpoints").state["config"]["batch_size"] == 64
+    result = train_sae(SAE(8, 16), data, epochs=1, batch_size=32, progress=False, run_dir=tmp_path, overwrite=True)
+    assert result.history["step"].iloc[-1] == 9  # 270 train rows / 32: a fresh run
+    assert load_checkpoint(tmp_path / "checkpoints").state["config"]["batch_size"] == 32
+
+
+def test_train_profile_refuses_a_run_from_other_settings_unless_overwrite():
+    profile = load_profile("offline", d_in=8, expansion_factor=2, epochs=1, batch_size=64)
+    data = low_rank_data(n=300)
+    train_profile(profile, data, progress=False)
+    with pytest.raises(ValueError, match="overwrite=True"):
+        train_profile(profile.replace(lr=3e-3), data, progress=False)
+    again = train_profile(profile.replace(lr=3e-3), data, progress=False, overwrite=True)
+    assert again.history["epoch"].tolist() == [1]
+
+
+@pytest.fixture(name="tf32_flag")
+def tf32_flag_fixture():
+    """The process-wide TF32 flag (settable on CPU builds too), restored after the test."""
+    saved = torch.backends.cuda.matmul.allow_tf32
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+@pytest.mark.parametrize("before", [False, True])
+def test_tf32_is_on_during_training_only(monkeypatch, tf32_flag, before):
+    seen = []
+    original = TrainingRun.loop
+
+    def spy(self, *args):
+        seen.append(torch.backends.cuda.matmul.allow_tf32)
+        return original(self, *args)
+
+    monkeypatch.setattr(TrainingRun, "loop", spy)
+    torch.backends.cuda.matmul.allow_tf32 = before
+    train_sae(SAE(8, 16), low_rank_data(n=200), epochs=1, batch_size=64, progress=False, tf32=True)
+    assert seen == [True] and torch.backends.cuda.matmul.allow_tf32 is before
+
+
+def test_tf32_setting_is_restored_when_training_fails(tf32_flag):
+    torch.backends.cuda.matmul.allow_tf32 = False
+    with pytest.raises(FloatingPointError):
+        train_sae(SAE(8, 16), low_rank_data(n=300), epochs=2, batch_size=64, lr=1e30, progress=False, tf32=True)
+    assert torch.backends.cuda.matmul.allow_tf32 is False
+
+
+def test_training_indexes_the_activations_without_copying_them(monkeypatch):
+    data = low_rank_data(n=300)
+    held = []
+    original = TrainingRun.__init__
+
+    def spy(self, sae, config, run_data, split, *args):
+        held.append((run_data, split))
+        original(self, sae, config, run_data, split, *args)
+
+    monkeypatch.setattr(TrainingRun, "__init__", spy)
+    train_sae(SAE(8, 16), data, epochs=1, batch_size=64, progress=False)
+    (run_data, split), = held
+    assert run_data.data_ptr() == data.data_ptr()  # the caller's tensor itself
+    assert split.train.shape == (270,) and split.val.shape == (30,)  # row indices, not rows
+
+
+@pytest.mark.parametrize("option, message", [
+    ({"checkpoint_every": 0}, "checkpoint_every=0: must be a positive integer"),
+    ({"b_dec_init": "median"}, "b_dec_init='median': choose one of"),
+    ({"aux_k": -1}, "aux_k=-1: must be an integer >= 0"),
+    ({"l1_warmup_steps": 2.5}, "l1_warmup_steps=2.5"),
+])
+def test_bad_training_settings_fail_before_any_work(option, message):
+    with pytest.raises(ValueError, match=message):
+        train_sae(SAE(8, 16), low_rank_data(n=100), progress=False, **option)
