@@ -59,12 +59,23 @@ def _figure_stem(name: str) -> str:
     return stem
 
 
+def _find_chrome() -> str | None:
+    """The browser kaleido would use ($BROWSER_PATH, PATH, typical places, kaleido's download), or None."""
+    from choreographer.browsers.chromium import Chromium
+
+    return Chromium.find_browser(skip_local=False)
+
+
 def _write_png(fig: go.Figure, path: Path) -> bool:
     """PNG through kaleido; any failure (no kaleido, no Chrome) is one warning per session."""
     try:
         import kaleido
 
         if not _png_state["server"]:  # one Chrome for the whole session: ~0.2 s per PNG instead of ~3 s
+            # kaleido's sync server dies in its own thread when there is no browser and the caller then
+            # waits forever, so look for one first
+            if _find_chrome() is None:
+                raise FileNotFoundError("no Chrome/Chromium found")
             kaleido.start_sync_server(silence_warnings=True)
             atexit.register(kaleido.stop_sync_server, silence_warnings=True)
             _png_state["server"] = True

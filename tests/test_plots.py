@@ -47,9 +47,23 @@ def test_save_figure_writes_small_html_and_warns_once_without_png(monkeypatch, f
 def test_save_figure_writes_png_when_an_exporter_works(monkeypatch, fresh_png_state):
     fake = types.SimpleNamespace(start_sync_server=lambda **kw: None, stop_sync_server=lambda **kw: None)
     monkeypatch.setitem(sys.modules, "kaleido", fake)
+    monkeypatch.setattr(plots, "_find_chrome", lambda: "/usr/bin/chromium")
     monkeypatch.setattr(go.Figure, "write_image", lambda self, path, **kw: open(path, "wb").write(b"png"))
     written = plots.save_figure(go.Figure(), load_profile("offline"), "04_png")
     assert [p.suffix for p in written] == [".html", ".png"] and written[1].read_bytes() == b"png"
+
+
+def test_no_browser_warns_without_starting_kaleido(monkeypatch, fresh_png_state):
+    # kaleido's server thread dies without a browser and write_image then waits forever: never start it
+    def must_not_start(**kwargs):
+        raise AssertionError("kaleido server started without a browser")
+
+    fake = types.SimpleNamespace(start_sync_server=must_not_start, stop_sync_server=lambda **kw: None)
+    monkeypatch.setitem(sys.modules, "kaleido", fake)
+    monkeypatch.setattr(plots, "_find_chrome", lambda: None)
+    with pytest.warns(UserWarning, match="no Chrome/Chromium found"):
+        written = plots.save_figure(go.Figure(), load_profile("offline"), "04_nobrowser")
+    assert [p.suffix for p in written] == [".html"]
 
 
 def test_highlight_escapes_text_and_marks_the_max_token():
