@@ -68,8 +68,9 @@ def evaluate_sae(sae, activations: torch.Tensor, batch_size: int = 4096, rows: t
     for batch in batches:
         x = batch.to(device, torch.float32)  # (batch, d_in)
         x_hat, h = sae(x)  # (batch, d_in), (batch, d_sae)
-        sums += torch.stack([(x - x_hat).double().pow(2).sum(), x.double().pow(2).sum(),
-                             h.double().abs().sum(), torch.tensor(x.shape[0], dtype=torch.float64, device=device)])
+        # per-row sums in float32, then float64 across rows: exact enough, and no float64 copy of h
+        sums += torch.stack([(x - x_hat).pow(2).sum(-1).double().sum(), x.pow(2).sum(-1).double().sum(),
+                             h.abs().sum(-1).double().sum(), torch.tensor(x.shape[0], dtype=torch.float64, device=device)])
         x_sum += x.double().sum(0)
         fired += torch.count_nonzero(h, dim=0)
     sse, x_sq, l1_sum, n = sums.tolist()
