@@ -207,7 +207,7 @@ class Profile:
 
     def banner(self, device: str | None = None) -> str:
         device = device or default_device()
-        lines = [f"saelab profile {self.name!r} on {device}: {self.model_name} {self.hook}, "
+        lines = [f"saelab profile {self.name!r} on {describe_device(device)}: {self.model_name} {self.hook}, "
                  f"{self.n_texts:,} texts x {self.context_size} tokens, SAE {self.d_in}->{self.d_sae} "
                  f"({self.recipe}), {self.epochs} epochs"]
         if self.is_offline:
@@ -258,6 +258,18 @@ def default_device() -> str:
     if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
         return "mps"
     return "cpu"
+
+
+def describe_device(device: str) -> str:
+    """The machine behind a device name, for banners and figure titles: 'cpu (2-core CPU)',
+    'cuda (NVIDIA H100 80GB HBM3)'. Published numbers say which machine made them."""
+    import torch
+
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return f"{device} ({torch.cuda.get_device_name(torch.device(device))})"
+    if device == "cpu":
+        return f"cpu ({os.cpu_count()}-core CPU)"
+    return device
 
 
 def apply_threads(profile: Profile) -> int:

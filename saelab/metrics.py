@@ -69,8 +69,9 @@ def evaluate_sae(sae, activations: torch.Tensor, batch_size: int = 4096, rows: t
         x = batch.to(device, torch.float32)  # (batch, d_in)
         x_hat, h = sae(x)  # (batch, d_in), (batch, d_sae)
         # per-row sums in float32, then float64 across rows: exact enough, and no float64 copy of h
+        rows = torch.tensor(x.shape[0], dtype=torch.float64, device=device)
         sums += torch.stack([(x - x_hat).pow(2).sum(-1).double().sum(), x.pow(2).sum(-1).double().sum(),
-                             h.abs().sum(-1).double().sum(), torch.tensor(x.shape[0], dtype=torch.float64, device=device)])
+                             h.abs().sum(-1).double().sum(), rows])
         x_sum += x.double().sum(0)
         fired += torch.count_nonzero(h, dim=0)
     sse, x_sq, l1_sum, n = sums.tolist()

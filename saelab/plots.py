@@ -29,7 +29,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from saelab import paths
-from saelab.config import Profile, default_device
+from saelab.config import Profile, default_device, describe_device
 
 OFFLINE_NOTE = "offline profile: random-weight model, NOT GPT-2"
 SYNTHETIC_SOURCE = "synthetic data (no language model, not GPT-2)"  # notebook 05's data comes from no model
@@ -38,7 +38,7 @@ _png_state: dict[str, object] = {"warned": False, "server": False}
 
 def _origin(profile: Profile, device: str | None, source: str | None = None) -> str:
     """source: what made the data when it is not the profile's model (notebook 05: synthetic data)."""
-    origin = f"profile {profile.name}, {source or profile.model_name}, on {device or default_device()}"
+    origin = f"profile {profile.name}, {source or profile.model_name}, on {describe_device(device or default_device())}"
     return f"{origin} · {OFFLINE_NOTE}" if profile.is_offline and source is None else origin
 
 

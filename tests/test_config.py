@@ -145,3 +145,9 @@ def test_invalid_synthetic_settings_say_what_to_change(field, value, message):
 def test_synthetic_sweep_lists_survive_json_as_tuples():
     profile = Profile.from_json(OFFLINE.to_json())
     assert isinstance(profile.synth_topk_ks, tuple) and profile.synth_topk_ks == OFFLINE.synth_topk_ks
+
+
+def test_device_description_names_the_machine(monkeypatch):
+    monkeypatch.setattr(config.os, "cpu_count", lambda: 2)
+    assert config.describe_device("cpu") == "cpu (2-core CPU)"
+    assert "2-core CPU" in OFFLINE.banner("cpu")
