@@ -22,6 +22,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from saelab.paths import write_json_atomically
 from saelab.sae import SAE
 
 LATEST = "latest.json"
@@ -63,9 +64,7 @@ def save_checkpoint(directory: str | os.PathLike, sae: SAE, optimizer: torch.opt
     (tmp / "state.json").write_text(json.dumps(state, indent=1))
     shutil.rmtree(directory / name, ignore_errors=True)
     os.replace(tmp, directory / name)
-    latest_tmp = directory / (LATEST + ".tmp")
-    latest_tmp.write_text(json.dumps({"checkpoint": name}))
-    os.replace(latest_tmp, directory / LATEST)
+    write_json_atomically(directory / LATEST, {"checkpoint": name}, indent=None)
     for old in directory.glob("step_*"):  # only now is the previous checkpoint redundant
         if old.name != name:
             shutil.rmtree(old, ignore_errors=True)

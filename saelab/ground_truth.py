@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from saelab.config import RECIPES
 from saelab.loop import evaluate
+from saelab.paths import replace_atomically
 from saelab.sae import SAE
 from saelab.synthetic import SyntheticData, recovery_scores
 from saelab.train import train_sae
@@ -104,9 +105,7 @@ def _write_rows(csv_path, rows: list[dict]) -> None:
     """The whole file rewritten via a temp file + rename: a kill leaves the old or the new file, never half."""
     path = Path(csv_path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    pd.DataFrame(rows).to_csv(tmp, index=False)
-    os.replace(tmp, path)
+    replace_atomically(path, lambda tmp: pd.DataFrame(rows).to_csv(tmp, index=False))
 
 
 def best_per_recipe(results: pd.DataFrame, by: str = "mmcs") -> pd.DataFrame:

@@ -12,6 +12,7 @@ installed from (editable install), else the current directory.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -52,3 +53,16 @@ def figures_dir(profile) -> Path:
 
 def executed_notebooks_dir(profile) -> Path:
     return run_dir(profile) / "notebooks"
+
+
+def replace_atomically(path: Path, write) -> Path:
+    """`write(tmp)` then rename tmp over `path`: a kill leaves the old file or the new one, never half."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def write_json_atomically(path: Path, payload, indent: int | None = 2) -> Path:
+    return replace_atomically(path, lambda tmp: tmp.write_text(json.dumps(payload, indent=indent)))

@@ -21,16 +21,16 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from saelab.paths import replace_atomically, write_json_atomically
+
 MANIFEST = "manifest.json"
 FORMAT = "saelab-activations/1"
 INDEX_FIELDS = ("context", "position", "token_id")  # int tensors, one value per activation row
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
-def _write_json_atomically(path: Path, payload: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2))
-    os.replace(tmp, path)
+def _write_json_atomically(path: Path, payload: dict) -> None:  # one name, so tests can interrupt it
+    write_json_atomically(path, payload)
 
 
 def _shard_rows(path: Path) -> int | None:
@@ -95,9 +95,7 @@ class StoreWriter:
         name = f"shard_{len(self.manifest['shards']):05d}.safetensors"
         tensors = {"activations": activations.to("cpu", DTYPES[self.manifest["dtype"]]).contiguous(),
                    **{k: v.to("cpu", torch.int64).contiguous() for k, v in index.items()}}
-        tmp = self.directory / (name + ".tmp")
-        save_file(tensors, tmp)
-        os.replace(tmp, self.directory / name)
+        replace_atomically(self.directory / name, lambda tmp: save_file(tensors, tmp))
         self._append({"file": name, "rows": rows, "contexts": contexts})
         _write_json_atomically(self.directory / MANIFEST, self.manifest)
 

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from saelab.paths import replace_atomically
+
 WANDB_MODES = ("online", "offline", "disabled")
 HISTORY = "history.csv"
 
@@ -61,9 +63,7 @@ class RunLog:
     def save_history(self, rows: list[dict]) -> pd.DataFrame:
         history = pd.DataFrame(rows)
         if self.run_dir is not None:
-            tmp = self.run_dir / (HISTORY + ".tmp")
-            history.to_csv(tmp, index=False)
-            os.replace(tmp, self.run_dir / HISTORY)
+            replace_atomically(self.run_dir / HISTORY, lambda tmp: history.to_csv(tmp, index=False))
         return history
 
     def finish(self) -> None:
