@@ -99,8 +99,7 @@ def capture_activations(profile: Profile, split: str = "train", device: str | No
     lm = lm or load_lm(profile, device)
     check_hook(lm, profile.hook)
     directory = paths.store_dir(profile, split)
-    identity = {"model_name": profile.model_name, "hook": profile.hook, "d_in": profile.d_in,
-                "dtype": profile.store_dtype, "metadata": store_metadata(profile, split, lm)}
+    identity = _expected(profile, split) | {"metadata": store_metadata(profile, split, lm)}
     try:
         writer = StoreWriter(directory, **identity)
     except ValueError as err:  # a store of other settings: say which folder to delete and what to rerun

@@ -238,14 +238,13 @@ OFFLINE = dataclasses.replace(
     GPT2, name="offline", model_name=OFFLINE_MODEL, dataset_id=OFFLINE_CORPUS, dataset_revision=None,
     d_in=64, n_texts=400, context_size=64, capture_batch_size=16, shard_rows=4_096,
     store_dtype="float32", epochs=5, batch_size=256, mae_texts=100,
+    # The offline model and SAE are tiny (width 64): intra-op threads cost more than they give there
+    # (measured on a shared 2-core CPU: 2 threads made notebook 03's training and CE evaluation 5-10x slower).
+    torch_threads=1,
     # notebook 05 in seconds: 64 features in 32 dims, 22 small SAEs (the λ scale follows 1/synth_d)
     synth_d=32, synth_features=64, synth_mean_active=3.0, synth_samples=8_192, synth_epochs=40,
     synth_lr=1e-2, synth_l1_coefficients=(1e-3, 3e-3, 1e-2, 3e-2), synth_topk_ks=(2, 4, 8),
 )
-
-# The offline model and SAE are tiny (width 64): intra-op threads cost more than they give there
-# (measured on a shared 2-core CPU: 2 threads made notebook 03's training and CE evaluation 5-10x slower).
-OFFLINE = dataclasses.replace(OFFLINE, torch_threads=1)
 
 PROFILES: dict[str, Profile] = {p.name: p for p in (GPT2, QUICK, OFFLINE)}
 

@@ -132,7 +132,8 @@ class TrainingRun:
             save_checkpoint(self.run_dir / "checkpoints", self.sae, self.optimizer, tensors, state)
 
     def check_finite(self) -> None:
-        finite = self.progress.loss_is_finite() and all(bool(torch.isfinite(p).all()) for p in self.sae.parameters())
+        finite = self.progress.loss_is_finite() and bool(
+            torch.stack([torch.isfinite(p).all() for p in self.sae.parameters()]).all())  # one host sync
         if not finite:
             where = (f"the last good checkpoint is in {self.run_dir / 'checkpoints'}" if self.run_dir
                      else "no checkpoint (no run_dir)")
@@ -157,7 +158,8 @@ class TrainingRun:
             for batch in shuffled_batches(self.data, cfg.batch_size, self.train, shuffle, start=p.batch):
                 # forward/backward -> step -> constrain decoder -> account (no host sync)
                 x = batch.to(self.device, non_blocking=True)  # (batch, d_in)
-                stats = train_step(self.sae, x, self.l1_at(p.step + 1), p.dead(self.window), self.aux_k,
+                dead = p.dead(self.window) if self.sae.k is not None else None  # only AuxK (topk) reads it
+                stats = train_step(self.sae, x, self.l1_at(p.step + 1), dead, self.aux_k,
                                    cfg.aux_coefficient, self.work)
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
@@ -178,9 +180,10 @@ class TrainingRun:
 
     def log_step(self, stats, x: torch.Tensor, log: RunLog, bar) -> None:
         self.check_finite()
-        values = {"train/loss": stats.loss.item(), "train/mse": stats.sse.item() / x.numel(),
+        sse = stats.sse.item()
+        values = {"train/loss": stats.loss.item(), "train/mse": sse / x.numel(),
                   "train/penalty": stats.penalty.item(), "train/l0": torch.count_nonzero(stats.h).item() / x.shape[0],
-                  "train/fvu": stats.sse.item() / (x - x.mean(0)).pow(2).sum().item(),
+                  "train/fvu": sse / (x - x.mean(0)).pow(2).sum().item(),
                   "train/dead_fraction": self.progress.dead(self.window).float().mean().item(),
                   "lr": self.config.lr, "l1_coefficient": self.l1_at(self.progress.step)}
         log.log(values, step=self.progress.step)

@@ -17,6 +17,7 @@ Every function returns tensors and never calls `.item()`: the loop decides when 
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -41,7 +42,7 @@ def recipe_of(sae: SAE) -> str:
 
 def default_aux_k(d_in: int) -> int:
     """Gao et al. 2024 A.2: k_aux "a power of two close to d_model / 2" (GPT-2 small: 512)."""
-    return 2 ** round(torch.log2(torch.tensor(d_in / 2)).item())
+    return 2 ** round(math.log2(d_in / 2))
 
 
 def _buffer(work: dict, name: str, like: torch.Tensor, *shape: int) -> torch.Tensor:
@@ -131,7 +132,7 @@ def normalise_decoder_rows(sae: SAE) -> None:
         sae.W_dec.div_(sae.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12))
 
 
-def train_step(sae: SAE, x: torch.Tensor, l1_coefficient: float, dead: torch.Tensor,
+def train_step(sae: SAE, x: torch.Tensor, l1_coefficient: float, dead: torch.Tensor | None,
                aux_k: int, aux_coefficient: float, work: dict | None = None) -> StepStats:
     """Fill the gradients of `sae` for one batch, by the SAE's recipe (the optimizer steps after)."""
     if recipe_of(sae) == "tied_l1":
