@@ -26,8 +26,11 @@ $(TORCH_STAMP):
 	$(PY) -m pip install --quiet --disable-pip-version-check "$(TORCH)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	touch $@
 
+# uv resolves and installs the rest in seconds (pip took minutes); torch is already there and
+# satisfies the project's range, so uv keeps it.
 $(VENV)/.installed: pyproject.toml $(TORCH_STAMP)
-	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[dev]"
+	$(PY) -m pip install --quiet --disable-pip-version-check uv
+	$(VENV)/bin/uv pip install --quiet --python $(PY) -e ".[dev]"
 	touch $@
 
 setup: $(VENV)/.installed
