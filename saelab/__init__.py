@@ -3,6 +3,7 @@
     import saelab
     profile = saelab.load_profile()              # gpt2 | quick | offline, with a banner
     sae = saelab.SAE(d_in=768, d_sae=6144)       # tied ReLU SAE, as the seed article
+    sae = saelab.sae_for("topk", 768, 6144, k=32)  # or any of saelab.ARCHITECTURES
     result = saelab.train_sae(sae, activations)  # activations: (rows, d_in) tensor
     sae.save("my_sae")                           # cfg.json + sae_weights.safetensors (SAELens layout)
 
@@ -18,10 +19,11 @@ _PUBLIC = {
     "load_profile": "saelab.config",
     "PROFILES": "saelab.config",
     "SAE": "saelab.sae",
+    "sae_for": "saelab.sae",
+    "ARCHITECTURES": "saelab.sae",
     "train_sae": "saelab.train",
     "train_profile": "saelab.train",
     "sae_for_profile": "saelab.train",
-    "TrainConfig": "saelab.train",
     "ActivationStore": "saelab.store",
     "StoreWriter": "saelab.store",
     "max_activating": "saelab.analysis",

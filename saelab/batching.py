@@ -3,14 +3,12 @@
 The activations live in one tensor, on the training device when they fit (`to_training_device`,
 `fits_on_device`). The train/validation split is two tensors of row *indices* into it
 (`train_val_split`), so the data is never copied to split it (gpt2 profile: ~7.8 GB of float32
-rows stay one tensor). An epoch is one seeded `randperm` of the training rows and an
-`index_select` per batch (`shuffled_batches`), so every training row is seen exactly once;
-evaluation walks the validation rows in order (`sequential_batches`).
+rows stay one tensor). An epoch is one seeded permutation of the training rows (`epoch_order`);
+batch i is `index_select` of its slice i, so every training row is seen exactly once an epoch.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import NamedTuple
 
 import torch
@@ -42,7 +40,7 @@ def check_activations(activations: torch.Tensor) -> None:
 
 def train_val_split(n_rows: int, val_fraction: float, seed: int = 0) -> Split:
     """A seeded random split of row indices 0..n_rows-1; at least one row lands on each side.
-    Index the activations with them (`index_select`, `shuffled_batches(rows=...)`): no copy."""
+    Index the activations with them (`index_select`, `epoch_order`): no copy."""
     if n_rows < 2:
         raise ValueError(f"need at least 2 activation rows to split into train and validation, got {n_rows}")
     if not 0 < val_fraction < 1:
@@ -52,28 +50,12 @@ def train_val_split(n_rows: int, val_fraction: float, seed: int = 0) -> Split:
     return Split(train=order[n_val:], val=order[:n_val])
 
 
-def shuffled_batches(data: torch.Tensor, batch_size: int, rows: torch.Tensor | None = None,
-                     generator: torch.Generator | None = None, start: int = 0) -> Iterator[torch.Tensor]:
-    """One epoch over `rows` of `data` (all rows when None): each exactly once, in random order,
-    the last batch may be short. `start` skips that many batches (resuming mid-epoch: the order
-    is the same when the generator is seeded the same). Yields (<= batch_size, d_in) copies."""
-    if batch_size <= 0:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
-    rows = torch.arange(data.shape[0], device=data.device) if rows is None else rows.to(data.device)
-    order = torch.randperm(rows.shape[0], generator=generator,
-                           device=generator.device if generator is not None else data.device)
-    order = rows[order.to(data.device)]  # (n,) row indices of data, in this epoch's order
-    for first in range(start * batch_size, order.shape[0], batch_size):
-        yield data.index_select(0, order[first:first + batch_size])
-
-
-def sequential_batches(data: torch.Tensor, batch_size: int, rows: torch.Tensor | None = None) -> Iterator[torch.Tensor]:
-    """`rows` of `data` (all rows when None) in order, batch by batch, for evaluation."""
-    if rows is None:
-        yield from data.split(batch_size)
-    else:
-        for part in rows.to(data.device).split(batch_size):
-            yield data.index_select(0, part)
+def epoch_order(rows: torch.Tensor, seed: int, epoch: int) -> torch.Tensor:
+    """`rows` (n,) in the seeded random order of `epoch` (seed·1000003 + epoch: resuming needs no RNG
+    state). Drawn on the CPU whatever device `rows` is on, so a CUDA run sees the same batches as a
+    CPU run; returned on rows' device."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return rows[torch.randperm(rows.shape[0], generator=generator).to(rows.device)]
 
 
 def fits_on_device(data: torch.Tensor, device: str | torch.device, headroom: float = 0.5) -> bool:

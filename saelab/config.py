@@ -16,9 +16,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
-RECIPES = ("tied_l1", "l1", "topk")
 STORE_DTYPES = ("float16", "bfloat16", "float32")
-B_DEC_INITS = ("zeros", "mean", "geometric_median")  # saelab.recipes.init_b_dec (a test keeps them equal)
+B_DEC_INITS = ("zeros", "mean", "geometric_median")  # saelab.sae.SAE.init_b_dec (a test keeps them equal)
+LR_SCHEDULERS = ("constant", "cosineannealing")  # SAELens' lr_scheduler_name values that saelab implements
+TRAIN_DTYPES = ("float32", "bfloat16")
+# The Profile fields that are training settings: train_sae(**options) takes exactly these.
+TRAINING_FIELDS = ("l1_coefficient", "l0_coefficient", "lr", "lr_scheduler_name", "lr_warm_up_steps",
+                   "lr_decay_steps", "lr_end", "l1_warm_up_steps", "batch_size", "epochs", "val_fraction", "seed",
+                   "b_dec_init", "dead_after_tokens", "dtype", "cuda_graph", "checkpoint_every", "checkpoint_minutes",
+                   "log_every")
+# Old names and what replaced them, so an old profile JSON gets a message rather than "unknown field".
+RENAMED = {"recipe": "architecture (tied_l1 -> 'tied', l1 -> 'standard', topk -> 'topk')",
+           "l1_warmup_steps": "l1_warm_up_steps (SAELens' name)"}
 OFFLINE_MODEL = "offline-tiny"  # a seeded random GPT-2-architecture model built from a config
 OFFLINE_CORPUS = "offline:installed-docs"  # dataset_id of the corpus harvested from installed docstrings
 EOT = "<|endoftext|>"  # GPT-2's separator, also the offline tokenizer's; BOS of every context
@@ -59,27 +68,38 @@ class Profile:
     offline_n_layers: int = 8  # must exceed the hook's layer (blocks.6 needs >= 7)
     offline_n_heads: int = 4  # d_head = d_in / offline_n_heads
 
-    # --- SAE
-    recipe: str = "tied_l1"  # tied_l1 (the seed) | l1 (untied) | topk (Gao et al. 2024)
+    # --- SAE (saelab.architectures; `architecture` picks the class, the fields below its options)
+    architecture: str = "tied"  # tied (the seed) | standard | topk | batchtopk | jumprelu
     expansion_factor: int = 8  # d_sae = expansion_factor * d_in (seed: 8 -> 6144)
-    l1_coefficient: float = 1e-3  # λ against MSE averaged over batch and d_in (seed: 1e-3)
-    topk_k: int = 32  # active features per token, topk recipe only
+    l1_coefficient: float = 1e-3  # λ of tied and standard, against MSE averaged over batch and d_in (seed: 1e-3)
+    l0_coefficient: float = 1e-3  # λ0 of jumprelu: the cost of one active latent, in units of that MSE
+    topk_k: int = 32  # topk: active latents per token; batchtopk: per token on average over the batch
+    aux_k: int = 0  # topk/batchtopk: dead latents in the AuxK loss; 0 = a power of two near d_in/2 (Gao: 512)
+    aux_coefficient: float = 1 / 32  # topk/batchtopk: weight α of the AuxK loss (Gao et al. 2024: 1/32)
+    batchtopk_threshold_lr: float = 0.01  # batchtopk: rate of θ's moving average (SAELens' topk_threshold_lr)
+    jumprelu_bandwidth: float = 0.05  # jumprelu: width ε of the straight-through kernel, activation units (SAELens)
+    jumprelu_init_threshold: float = 0.01  # jumprelu: θ at initialisation, activation units (SAELens)
 
-    # --- training
-    lr: float = 1e-3  # Adam learning rate (seed: 1e-3)
+    # --- training (saelab.train; every one is also a keyword of train_sae)
+    lr: float = 1e-3  # Adam learning rate (seed: 1e-3, constant)
+    lr_scheduler_name: str = "constant"  # constant (seed) | cosineannealing: to lr_end over the steps left
+    lr_warm_up_steps: int = 0  # steps of linear warm-up from lr/steps to lr (seed: 0)
+    lr_decay_steps: int = 0  # final steps of linear decay to lr_end (seed: 0)
+    lr_end: float | None = None  # lr at the end of cosine annealing or decay; None = lr / 10 (SAELens)
+    l1_warm_up_steps: int = 0  # the sparsity coefficient (λ or λ0) ramps linearly from 0 (seed: 0, constant)
     batch_size: int = 512  # activations per optimizer step (seed: 512)
     epochs: int = 100  # passes over the training split (seed: 100)
     val_fraction: float = 0.1  # share of activations held out for validation (seed: a split, size unstated)
-    seed: int = 0  # seeds the model (offline), shuffling and SAE initialisation
-
-    # --- training recipe options and run bookkeeping (issue 4, notebook 03; saelab.train.TrainConfig)
+    seed: int = 0  # seeds the model (offline), the split, shuffling and SAE initialisation
     b_dec_init: str = "zeros"  # zeros (the seed) | mean | geometric_median (Bricken et al. 2023) of a sample
-    l1_warmup_steps: int = 0  # λ ramps linearly from 0 over this many steps (seed: 0, constant λ)
-    aux_k: int = 0  # topk: dead latents in the AuxK loss; 0 = power of two near d_in/2 (Gao et al.: 512)
-    aux_coefficient: float = 1 / 32  # topk: weight α of the AuxK loss (Gao et al. 2024: 1/32)
     dead_after_tokens: int = 10_000_000  # a latent is dead after this many tokens unfired (Gao et al.: 10M),
     #                                      capped at one epoch's tokens so small datasets can have dead latents
-    checkpoint_every: int = 1_000  # optimizer steps between checkpoints (also one at every epoch end)
+    dtype: str = "float32"  # matmul precision: float32 (TF32 on CUDA, the seed) | bfloat16 (autocast; weights
+    #                         and Adam stay float32)
+    cuda_graph: bool = True  # on CUDA, replay each step as one CUDA graph (False: eager, for debugging)
+    checkpoint_every: int = 0  # optimizer steps between checkpoints; 0 = every checkpoint_minutes instead
+    checkpoint_minutes: float = 5.0  # wall-clock minutes between checkpoints (and one at the end, and on Ctrl-C)
+    log_every: int = 100  # steps between wandb points and progress-bar updates (each one host sync)
     ce_eval_contexts: int = 256  # held-out "mae" contexts for CE loss recovered in notebook 03
     torch_threads: int = 0  # intra-op CPU threads `apply_threads` sets in notebooks 02-05 (0 = torch's default)
 
@@ -89,28 +109,31 @@ class Profile:
     mae_top_features: int = 20  # features in the summary table, by total activation (seed: 20)
 
     # --- synthetic ground truth (notebook 05), after Sharkey, Braun & Millidge 2022. Not in the seed:
-    # known features in superposition, to check that the SAE recipes recover them. The sweep trains
-    # every recipe at every dictionary size and sparsity knob: len(ratios) * (2 * len(λs) + len(ks)) SAEs.
+    # known features in superposition, to check that the architectures recover them. The sweep trains every
+    # architecture at every dictionary size and sparsity knob: len(ratios) * (2·len(λs) + 2·len(ks) + len(λ0s)).
     synth_d: int = 256  # dimensions the features are squeezed into (Sharkey et al.: 256)
     synth_features: int = 512  # true features, more than synth_d: superposition (Sharkey et al.: 512)
     synth_mean_active: float = 5.0  # true features firing per sample, on average (Sharkey et al.: ~5)
     synth_samples: int = 200_000  # synthetic activations trained on
     synth_dict_ratios: tuple[float, ...] = (1.0, 2.0)  # SAE widths swept, as d_sae / synth_features
-    # λ swept for tied_l1 and l1. Our MSE is averaged over d, so a feature's activation shrinks by
-    # about λ·d/2: the useful λ scales like 1/synth_d (at d=256 tied_l1 did best near 3e-4).
+    # λ swept for tied and standard. Our MSE is averaged over d, so a feature's activation shrinks by
+    # about λ·d/2: the useful λ scales like 1/synth_d (at d=256 tied did best near 3e-4).
     synth_l1_coefficients: tuple[float, ...] = (3e-5, 1e-4, 3e-4, 1e-3, 3e-3)
-    synth_topk_ks: tuple[int, ...] = (2, 4, 8, 16, 32)  # k swept for topk (the data has ~synth_mean_active)
+    synth_topk_ks: tuple[int, ...] = (2, 4, 8, 16, 32)  # k swept for topk and batchtopk (the data: ~synth_mean_active)
+    synth_l0_coefficients: tuple[float, ...] = (1e-5, 3e-5, 1e-4, 3e-4)  # λ0 swept for jumprelu
     synth_epochs: int = 20  # passes over the synthetic activations per SAE
     synth_lr: float = 3e-3  # Adam lr for the sweep (higher than the seed's 1e-3: short runs)
 
     def __post_init__(self) -> None:
-        for name in ("synth_dict_ratios", "synth_l1_coefficients", "synth_topk_ks"):
+        for name in ("synth_dict_ratios", "synth_l1_coefficients", "synth_topk_ks", "synth_l0_coefficients"):
             object.__setattr__(self, name, tuple(getattr(self, name)))  # JSON gives lists; keep tuples
         problems = []
         if not self.hook.startswith("blocks.") or not self.hook.split(".")[1].isdigit():
             problems.append(f"hook={self.hook!r}: use a TransformerLens name like 'blocks.6.hook_resid_pre'")
-        if self.recipe not in RECIPES:
-            problems.append(f"recipe={self.recipe!r}: choose one of {RECIPES}")
+        from saelab.sae import architecture_names  # the registry, so a newly registered class is valid too
+
+        if self.architecture not in architecture_names():
+            problems.append(f"architecture={self.architecture!r}: choose one of {architecture_names()}")
         if self.store_dtype not in STORE_DTYPES:
             problems.append(f"store_dtype={self.store_dtype!r}: choose one of {STORE_DTYPES}")
         if not 0 < self.val_fraction < 1:
@@ -123,8 +146,6 @@ class Profile:
                      for f in positive if not (isinstance(getattr(self, f), int) and getattr(self, f) > 0)]
         if not (isinstance(self.torch_threads, int) and self.torch_threads >= 0):
             problems.append(f"torch_threads={self.torch_threads}: 0 (torch's default) or a positive thread count")
-        if not (self.lr > 0 and self.l1_coefficient >= 0):
-            problems.append("lr must be > 0 and l1_coefficient >= 0")
         problems += self._training_problems() + self._synthetic_problems()
         if self.context_size < 2 and self.exclude_first_position:
             problems.append("context_size must be >= 2 when exclude_first_position is set")
@@ -136,33 +157,40 @@ class Profile:
             raise ValueError(f"invalid profile {self.name!r}:\n  " + "\n  ".join(problems))
 
     def _training_problems(self) -> list[str]:
-        """The training options (saelab.loop.TrainConfig checks them again), caught here before any
-        activations are loaded."""
+        """The SAE and training settings, caught here before any activations are loaded."""
         def count(name: str, minimum: int) -> bool:
             value = getattr(self, name)
             return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
 
-        problems = []
-        if not count("checkpoint_every", 1):
-            problems.append(f"checkpoint_every={self.checkpoint_every!r}: optimizer steps between checkpoints, "
-                            "a positive integer (default 1000)")
-        if not count("ce_eval_contexts", 1):
-            problems.append(f"ce_eval_contexts={self.ce_eval_contexts!r}: held-out contexts for CE loss recovered, "
-                            "a positive integer (default 256)")
-        if not count("aux_k", 0):
-            problems.append(f"aux_k={self.aux_k!r}: an integer >= 0 (0 = a power of two near d_in / 2)")
-        if not count("l1_warmup_steps", 0):
-            problems.append(f"l1_warmup_steps={self.l1_warmup_steps!r}: an integer >= 0 (0 = constant λ)")
-        if self.b_dec_init not in B_DEC_INITS:
-            problems.append(f"b_dec_init={self.b_dec_init!r}: choose one of {B_DEC_INITS}")
+        problems = [f"{name}={getattr(self, name)!r}: must be an integer >= {minimum}"
+                    for name, minimum in (("checkpoint_every", 0), ("log_every", 1), ("ce_eval_contexts", 1),
+                                          ("dead_after_tokens", 1), ("aux_k", 0), ("l1_warm_up_steps", 0),
+                                          ("lr_warm_up_steps", 0), ("lr_decay_steps", 0))
+                    if not count(name, minimum)]
+        problems += [f"{name}={getattr(self, name)!r}: must be a number > 0"
+                     for name in ("lr", "aux_coefficient", "jumprelu_bandwidth", "batchtopk_threshold_lr",
+                                  "checkpoint_minutes")
+                     if not getattr(self, name) > 0]
+        problems += [f"{name}={getattr(self, name)!r}: must be a number >= 0"
+                     for name in ("l1_coefficient", "l0_coefficient", "jumprelu_init_threshold")
+                     if not getattr(self, name) >= 0]
+        if self.lr_end is not None and not self.lr_end >= 0:
+            problems.append(f"lr_end={self.lr_end!r}: a learning rate >= 0, or None (= lr / 10)")
+        for name, valid in (("b_dec_init", B_DEC_INITS), ("lr_scheduler_name", LR_SCHEDULERS),
+                            ("dtype", TRAIN_DTYPES)):
+            if getattr(self, name) not in valid:
+                problems.append(f"{name}={getattr(self, name)!r}: choose one of {valid}")
+        if not isinstance(self.cuda_graph, bool):
+            problems.append(f"cuda_graph={self.cuda_graph!r}: True or False")
         return problems
 
     def _synthetic_problems(self) -> list[str]:
         problems = []
         if not (self.synth_dict_ratios and all(r > 0 for r in self.synth_dict_ratios)):
             problems.append(f"synth_dict_ratios={self.synth_dict_ratios}: need one or more positive ratios")
-        if not all(lam >= 0 for lam in self.synth_l1_coefficients):
-            problems.append(f"synth_l1_coefficients={self.synth_l1_coefficients}: λ must be >= 0")
+        for name in ("synth_l1_coefficients", "synth_l0_coefficients"):
+            if not all(lam >= 0 for lam in getattr(self, name)):
+                problems.append(f"{name}={getattr(self, name)}: each coefficient must be >= 0")
         widest_k_allowed = min(round(r * self.synth_features) for r in self.synth_dict_ratios or (1,))
         if not all(isinstance(k, int) and 0 < k <= widest_k_allowed for k in self.synth_topk_ks):
             problems.append(f"synth_topk_ks={self.synth_topk_ks}: each k must be an integer in 1..{widest_k_allowed} "
@@ -193,6 +221,9 @@ class Profile:
     @classmethod
     def from_dict(cls, values: dict) -> Profile:
         unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
+        renamed = [f"{old} is now {RENAMED[old]}" for old in sorted(unknown & set(RENAMED))]
+        if renamed:
+            raise ValueError("renamed profile field(s): " + "; ".join(renamed))
         if unknown:
             raise ValueError(f"unknown profile field(s) {sorted(unknown)}; valid fields: {field_names()}")
         return cls(**values)
@@ -209,7 +240,7 @@ class Profile:
         device = device or default_device()
         lines = [f"saelab profile {self.name!r} on {describe_device(device)}: {self.model_name} {self.hook}, "
                  f"{self.n_texts:,} texts x {self.context_size} tokens, SAE {self.d_in}->{self.d_sae} "
-                 f"({self.recipe}), {self.epochs} epochs"]
+                 f"({self.architecture}), {self.epochs} epochs"]
         if self.is_offline:
             lines.append("OFFLINE PROFILE: a small random-weight model on a locally built corpus. "
                          "Its features are NOT GPT-2 features; use it to check the pipeline, not to "
@@ -244,6 +275,7 @@ OFFLINE = dataclasses.replace(
     # notebook 05 in seconds: 64 features in 32 dims, 22 small SAEs (the λ scale follows 1/synth_d)
     synth_d=32, synth_features=64, synth_mean_active=3.0, synth_samples=8_192, synth_epochs=40,
     synth_lr=1e-2, synth_l1_coefficients=(1e-3, 3e-3, 1e-2, 3e-2), synth_topk_ks=(2, 4, 8),
+    synth_l0_coefficients=(1e-4, 3e-4, 1e-3, 3e-3),
 )
 
 PROFILES: dict[str, Profile] = {p.name: p for p in (GPT2, QUICK, OFFLINE)}

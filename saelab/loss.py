@@ -1,8 +1,9 @@
-"""SAE losses as pure functions. Each docstring is the formula, with what is averaged over.
+"""The losses every architecture trains on, as pure functions; each docstring is the formula.
 
-The seed's loss is  L = ||x - x_hat||^2 + λ ||h||_1  with λ = 1e-3, where, as in
-Cunningham et al.'s code (`(x_hat - x).pow(2).mean()`), the squared error is averaged over
-batch *and* d_in, and the L1 norm is summed over features and averaged over the batch.
+An architecture's `loss` (saelab.architectures) is a sum of these, so this file says what is
+optimised. The seed's loss is  L = ||x - x_hat||^2 + λ ||h||_1  with λ = 1e-3, where, as in
+Cunningham et al.'s code (`(x_hat - x).pow(2).mean()`), the squared error is averaged over batch
+*and* d_in, and the L1 norm is summed over features and averaged over the batch.
 """
 
 from __future__ import annotations
@@ -28,9 +29,8 @@ def l1_penalty(h: torch.Tensor) -> torch.Tensor:
 
 def decoder_weighted_l1_penalty(h: torch.Tensor, W_dec: torch.Tensor) -> torch.Tensor:
     """E_batch sum_f |h_f| * ||W_dec[f]||_2  (SAELens' and Anthropic's L1 for untied SAEs: it cannot be
-    dodged by shrinking h and growing the decoder row). Not used in training: the l1 recipe holds
-    decoder rows at unit norm (saelab.recipes), where this equals `l1_penalty`; kept as the
-    reference for that equivalence (tests/test_loss.py) and for comparing with SAELens' loss.
+    dodged by shrinking h and growing the decoder row). The untied architectures hold decoder rows at
+    unit norm, where this equals `l1_penalty`; kept as the reference for that equivalence.
 
     h: (batch, d_sae), W_dec: (d_sae, d_in) -> scalar.
     """
@@ -38,7 +38,7 @@ def decoder_weighted_l1_penalty(h: torch.Tensor, W_dec: torch.Tensor) -> torch.T
 
 
 def sae_loss(x: torch.Tensor, x_hat: torch.Tensor, h: torch.Tensor, l1_coefficient: float) -> torch.Tensor:
-    """The seed's objective:  reconstruction_mse(x, x_hat) + λ · l1_penalty(h).
+    """The seed's objective:  reconstruction_mse(x, x_hat) + λ · l1_penalty(h)  (architectures tied, standard).
 
     SAELens sums the squared error over d_in instead of averaging it, so its loss is d_in times
     ours; the same optimum there needs l1_coefficient_saelens = d_in · λ (GPT-2: 768 · 1e-3 = 0.768,
@@ -62,3 +62,34 @@ def topk_aux_loss(pre: torch.Tensor, dead: torch.Tensor, residual: torch.Tensor,
     z = torch.zeros_like(pre).scatter(-1, top.indices, top.values.relu())  # ReLU(-inf) = 0
     loss = reconstruction_mse(residual, z @ W_dec)
     return loss * dead.any()
+
+
+def rectangle(u: torch.Tensor) -> torch.Tensor:
+    """The kernel of the straight-through estimators below: 1 where |u| < 1/2, else 0."""
+    return (u.abs() < 0.5).to(u.dtype)
+
+
+class _Step(torch.autograd.Function):
+    """H(pre - θ) forward; backward d/dθ = -(1/ε) K((pre - θ)/ε), and no gradient to pre
+    (Rajamanoharan et al. 2024, eq. 11: the L0 penalty trains the thresholds only)."""
+
+    @staticmethod
+    def forward(ctx, pre, threshold, bandwidth):
+        ctx.save_for_backward(pre, threshold)
+        ctx.bandwidth = bandwidth
+        return (pre > threshold).to(pre.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        pre, threshold = ctx.saved_tensors
+        ste = rectangle((pre - threshold) / ctx.bandwidth) * grad_out / ctx.bandwidth
+        return None, -ste.sum(0), None
+
+
+def l0_penalty(pre: torch.Tensor, threshold: torch.Tensor, bandwidth: float) -> torch.Tensor:
+    """E_batch ||h||_0 = mean over batch of the number of latents with pre > θ (JumpReLU's sparsity).
+
+    Its gradient reaches only θ, through the straight-through estimator with a rectangle kernel of
+    width `bandwidth` (Rajamanoharan et al. 2024, §4). pre: (batch, d_sae), threshold: (d_sae,).
+    """
+    return _Step.apply(pre, threshold, bandwidth).sum(dim=-1).mean()

@@ -130,8 +130,16 @@ def ce_loss_recovered(lm, sae, tokens: torch.Tensor, hook: str, batch_size: int 
     return out
 
 
+@torch.no_grad()
+def total_variance(data: torch.Tensor, rows: torch.Tensor, chunk: int = 8_192) -> float:
+    """sum over `rows` of data of ||x - mean||^2, in float64, chunk by chunk (no copy of the rows)."""
+    rows = rows.to(data.device)
+    mean = sum(data.index_select(0, part).sum(0, dtype=torch.float64) for part in rows.split(chunk)) / rows.shape[0]
+    return sum((data.index_select(0, part).double() - mean).pow(2).sum().item() for part in rows.split(chunk))
+
+
 # nats: below this CE_zero - CE_clean, the ratio above divides by almost nothing (the same cut as
-# train.describe_recipes uses for the recipe table; offline's random model zero-ablates to ~+0.01 nats)
+# compare.describe_architectures uses; offline's random model zero-ablates to ~+0.01 nats)
 ILL_CONDITIONED_GAP = 0.05
 
 

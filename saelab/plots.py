@@ -149,19 +149,20 @@ def training_curves(history: pd.DataFrame, profile: Profile, device: str | None 
             fig.add_trace(go.Scatter(x=history["epoch"], y=history[column], name=column, mode="lines+markers"),
                           row=1, col=col)
         fig.update_xaxes(title_text="epoch", row=1, col=col)
-    fig.update_layout(title=figure_title(f"SAE training ({profile.recipe}, {profile.d_in}->{profile.d_sae})",
+    fig.update_layout(title=figure_title(f"SAE training ({profile.architecture}, {profile.d_in}->{profile.d_sae})",
                                          profile, device), height=380, margin={"t": 110})
     return fig
 
 
-def recipe_comparison(table: pd.DataFrame, profile: Profile, device: str | None = None) -> go.Figure:
-    """FVU against L0, one point per recipe (table index; down-left is better), labelled with CE loss recovered."""
+def architecture_comparison(table: pd.DataFrame, profile: Profile, device: str | None = None) -> go.Figure:
+    """FVU against L0, one point per architecture (table index; down-left is better), labelled with CE loss
+    recovered (column ce_loss_recovered_pct, in percent)."""
     fig = go.Figure(go.Scatter(
         x=table["l0"], y=table["fvu"], mode="markers+text", marker={"size": 14},
-        text=[f"{recipe}<br>CE rec. {ce:.0%}" for recipe, ce in zip(table.index, table["ce_loss_recovered"],
-                                                                     strict=True)],
+        text=[f"{name}<br>CE rec. {ce:.0f}%" for name, ce in zip(table.index, table["ce_loss_recovered_pct"],
+                                                                  strict=True)],
         textposition="top center"))
-    fig.update_layout(title=figure_title("Recipes on the same activations: sparsity vs reconstruction", profile,
+    fig.update_layout(title=figure_title("Architectures on the same activations: sparsity vs reconstruction", profile,
                                          device), xaxis_title="L0 (active latents per token)",
                       yaxis_title="FVU (fraction of variance unexplained)", margin={"t": 110})
     return fig
@@ -201,21 +202,24 @@ def logit_attribution_bar(table: pd.DataFrame, feature: int, profile: Profile,
 
 def sweep_figure(results: pd.DataFrame, profile: Profile, device: str | None = None, *,
                  true_l0: float | None = None) -> go.Figure:
-    """Notebook 05: MMCS (top row) and L0 (bottom row) against λ or k (log x), a column per recipe, a
-    line per d_sae. results: columns recipe, d_sae, knob_value, mmcs, l0 (as `ground_truth.sweep`)."""
-    recipes = list(dict.fromkeys(results["recipe"]))
-    long = results.melt(id_vars=["recipe", "d_sae", "knob_value"], value_vars=["mmcs", "l0"],
+    """Notebook 05: MMCS (top row) and L0 (bottom row) against each architecture's sparsity knob (log x),
+    a column per architecture, a line per d_sae. results: columns architecture, d_sae, knob, knob_value,
+    mmcs, l0 (as `ground_truth.sweep`)."""
+    architectures = list(dict.fromkeys(results["architecture"]))
+    long = results.melt(id_vars=["architecture", "d_sae", "knob_value"], value_vars=["mmcs", "l0"],
                         var_name="metric", value_name="value")
     long["d_sae"] = long["d_sae"].astype(str)  # discrete colours, one per dictionary size
     title = figure_title(f"Ground-truth recovery: {profile.synth_features} synthetic features in {profile.synth_d} "
                          "dims", profile, device, source=SYNTHETIC_SOURCE)
-    fig = px.line(long, x="knob_value", y="value", color="d_sae", facet_row="metric", facet_col="recipe",
-                  markers=True, log_x=True, title=title, category_orders={"metric": ["mmcs", "l0"], "recipe": recipes})
+    fig = px.line(long, x="knob_value", y="value", color="d_sae", facet_row="metric", facet_col="architecture",
+                  markers=True, log_x=True, title=title,
+                  category_orders={"metric": ["mmcs", "l0"], "architecture": architectures})
     names = {"mmcs": "MMCS (true → learned)", "l0": "L0 (active latents)"}
     fig.for_each_annotation(lambda a: a.update(text=names.get(a.text.split("=")[-1], a.text.split("=")[-1])))
     fig.update_xaxes(matches=None, title_text="")
-    for col, recipe in enumerate(recipes, start=1):  # x titles under the bottom row only
-        fig.update_xaxes(title_text="k" if recipe == "topk" else "λ (L1 coefficient)", row=1, col=col)
+    knobs = results.drop_duplicates("architecture").set_index("architecture")["knob"]
+    for col, architecture in enumerate(architectures, start=1):  # x titles under the bottom row only
+        fig.update_xaxes(title_text=knobs[architecture], row=1, col=col)
     fig.update_yaxes(matches=None, title_text="")
     fig.update_yaxes(range=[0, 1.05], row=2)  # facet rows count from the bottom: row 2 is mmcs
     # L0 spans orders of magnitude when λ is small: log axis, one range for every panel so the

@@ -41,7 +41,8 @@ def _wandb_logged_in() -> bool:
 
 class RunLog:
     """One training run's sinks. `log` sends a flat dict of floats to wandb (when enabled);
-    `save_history` writes the per-epoch rows (the loop keeps them) to history.csv."""
+    `write_history` writes the per-epoch rows (the loop keeps them) to history.csv. wandb prints
+    nothing (a notebook's output stays readable) and still logs."""
 
     def __init__(self, run_dir: Path | None, config: dict, run_id: str | None = None, name: str | None = None):
         self.run_dir, self.wandb_run = run_dir, None
@@ -50,7 +51,8 @@ class RunLog:
 
             self.wandb_run = wandb.init(project=os.environ.get("WANDB_PROJECT", "saelab"), name=name,
                                         dir=os.environ.get("WANDB_DIR", str(run_dir)), mode=wandb_mode(),
-                                        config=config, id=run_id, resume="allow" if run_id else None)
+                                        config=config, id=run_id, resume="allow" if run_id else None,
+                                        settings=wandb.Settings(silent=True, console="off", disable_git=True))
 
     @property
     def run_id(self) -> str | None:
@@ -60,10 +62,11 @@ class RunLog:
         if self.wandb_run is not None:
             self.wandb_run.log(values, step=step)
 
-    def save_history(self, rows: list[dict]) -> pd.DataFrame:
+    @staticmethod
+    def write_history(run_dir: Path | None, rows: list[dict]) -> pd.DataFrame:
         history = pd.DataFrame(rows)
-        if self.run_dir is not None:
-            replace_atomically(self.run_dir / HISTORY, lambda tmp: history.to_csv(tmp, index=False))
+        if run_dir is not None:
+            replace_atomically(run_dir / HISTORY, lambda tmp: history.to_csv(tmp, index=False))
         return history
 
     def finish(self) -> None:

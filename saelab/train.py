@@ -1,21 +1,26 @@
-"""Train an SAE on a tensor of activations; the recipe follows from the SAE (see saelab.recipes).
+"""Train an SAE on a tensor of activations: the one training loop, for every architecture.
 
-    sae = SAE(d_in=768, d_sae=6144)                    # tied, k=None: the seed's recipe
+    sae = saelab.SAE(d_in=768, d_sae=6144)             # the seed's tied SAE; or saelab.sae_for("topk", ...)
     result = train_sae(sae, activations, epochs=100)   # activations: (rows, d_in)
     result.history.plot(x="epoch", y="val_loss")
 
-With `run_dir`, the run checkpoints every `checkpoint_every` steps and at each epoch end, logs to
-wandb, writes history.csv, and saves the final SAE there. Calling it again with the same run_dir
-continues from the last checkpoint (`resume=True`, the default) and gives the same SAE as an
-uninterrupted run; a finished run returns at once. Checkpoints made with other settings are refused;
-only `overwrite=True` deletes them. The trainer never sees the language model: notebook 03 reads
-the activation store into a tensor, and training indexes that tensor (no copy for the split).
+Where to change what: the loss of an architecture in saelab/architectures.py (its terms are the
+functions of saelab/loss.py), the learning-rate and sparsity schedules in `lr_at` and `l1_at` below,
+the step itself (Adam, constraint, CUDA graph) in saelab/step.py. The loop never branches on the
+architecture: it asks the SAE for its gradients and its constraint.
+
+With `run_dir`, the run checkpoints (safetensors + JSON, no pickle), logs to wandb, writes history.csv
+and saves the final SAE there. Calling it again with the same run_dir continues from the last
+checkpoint and gives the same SAE as an uninterrupted run; a finished run returns at once. The trainer
+never sees the language model: notebook 03 reads the activation store into a tensor.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import difflib
+import math
 import shutil
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,45 +28,224 @@ from typing import NamedTuple
 
 import pandas as pd
 import torch
+from tqdm.auto import tqdm
 
-from saelab.batching import check_activations, to_training_device, train_val_split
-from saelab.checkpoint import LATEST
-from saelab.loop import TrainConfig, TrainingRun, evaluate
-from saelab.metrics import ILL_CONDITIONED_GAP
-from saelab.recipes import init_b_dec, recipe_of
-from saelab.sae import SAE
+from saelab.batching import check_activations, epoch_order, to_training_device, train_val_split
+from saelab.checkpoint import LATEST, load_checkpoint, restore_optimizer, save_checkpoint
+from saelab.config import GPT2, TRAINING_FIELDS, Profile
+from saelab.metrics import evaluate_sae, total_variance
+from saelab.sae import REGISTRY, SAE, sae_for
+from saelab.step import RunningStats, Stepper, make_adam
 from saelab.tracking import RunLog
 
-__all__ = ["TrainConfig", "TrainResult", "evaluate", "sae_for_profile", "tf32_matmuls", "train_profile",
-           "train_sae"]
+RESUMABLE_CHANGES = ("epochs", "checkpoint_every", "checkpoint_minutes", "log_every", "cuda_graph")
+SPARSITY_FIELDS = ("l1_coefficient", "l0_coefficient")  # an architecture's `sparsity_setting` is one of these
+
+
+def lr_at(step: int, s: Profile, total_steps: int) -> float:
+    """Adam's learning rate for optimizer step `step` (0-based) of `total_steps`: linear warm-up over
+    lr_warm_up_steps, then constant or cosine-annealed to lr_end, and a linear decay to lr_end over the
+    last lr_decay_steps (SAELens' lr_warm_up_steps, lr_scheduler_name, lr_decay_steps, lr_end)."""
+    lr, end = s.lr, s.lr / 10 if s.lr_end is None else s.lr_end
+    if step < s.lr_warm_up_steps:
+        return lr * (step + 1) / s.lr_warm_up_steps
+    decay_from = total_steps - s.lr_decay_steps
+    span = max(decay_from - s.lr_warm_up_steps - 1, 1)  # cosine reaches lr_end on the last step before decay
+    if s.lr_scheduler_name == "cosineannealing":
+        lr = end + (lr - end) * (1 + math.cos(math.pi * min(step - s.lr_warm_up_steps, span) / span)) / 2
+    if step >= decay_from:
+        return lr + (end - lr) * (step - decay_from + 1) / s.lr_decay_steps
+    return lr
+
+
+def l1_at(step: int, coefficient: float, warm_up_steps: int) -> float:
+    """The sparsity coefficient (λ, or λ0 for jumprelu) at step `step` (0-based): a linear ramp from 0
+    over warm_up_steps (SAELens' l1_warm_up_steps), then constant."""
+    return coefficient * min(1.0, (step + 1) / warm_up_steps) if warm_up_steps else coefficient
 
 
 class TrainResult(NamedTuple):
-    sae: SAE  # the trained SAE (same object that was passed in)
+    sae: SAE  # the trained SAE: the object that was passed in, trained in place, on the training device
     history: pd.DataFrame  # one row per finished epoch: train_*, val_*, dead_fraction, lr, tokens
 
 
-def sae_for_profile(profile) -> SAE:
-    """A fresh SAE for `profile.recipe`, seeded by profile.seed (global RNG left untouched)."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(profile.seed)
-        return SAE(profile.d_in, profile.d_sae, tied=profile.recipe == "tied_l1",
-                   k=profile.topk_k if profile.recipe == "topk" else None,
-                   metadata={"model_name": profile.model_name, "hook_name": profile.hook,
-                             "profile": profile.name, "recipe": profile.recipe})
+def training_settings(sae: SAE, options: dict) -> Profile:
+    """The seed's settings (profile gpt2) with `options` replaced; the Profile validates them."""
+    unknown = sorted(set(options) - set(TRAINING_FIELDS))
+    if unknown:
+        hints = [f"{u!r} (did you mean {close[0]!r}?)" if (close := difflib.get_close_matches(u, TRAINING_FIELDS, 1))
+                 else repr(u) for u in unknown]
+        raise TypeError(f"train_sae got unknown option(s) {', '.join(hints)}; training options are {TRAINING_FIELDS}")
+    other = set(SPARSITY_FIELDS) - {sae.sparsity_setting}
+    wrong = sorted(other & set(options))
+    if wrong:
+        raise ValueError(f"{wrong} do not apply to a {sae.architecture} SAE; its sparsity is set by "
+                         f"{sae.sparsity_setting or 'its k (no coefficient)'}")
+    return GPT2.replace(**options)
+
+
+def as_activations(activations, d_in: int) -> torch.Tensor:
+    """A (rows, d_in) floating tensor from a tensor or a numpy array, checked for what ruins training."""
+    if not isinstance(activations, torch.Tensor) and hasattr(activations, "__array__"):
+        activations = torch.as_tensor(activations)
+    check_activations(activations)
+    if activations.shape[1] != d_in:
+        raise ValueError(f"activations have d_in={activations.shape[1]} but the SAE expects {d_in}; "
+                         "build the SAE with d_in=activations.shape[1]")
+    return activations
 
 
 @contextmanager
 def tf32_matmuls(enabled: bool) -> Iterator[None]:
     """TF32 float32 matmuls on CUDA while the block runs (`enabled`), then the caller's setting again:
-    the flag is process-wide, and an LM forward after training (CE loss recovered, capture) must
-    not silently run in TF32."""
+    the flag is process-wide, and an LM forward after training must not silently run in TF32."""
     previous = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = previous or enabled
     try:
         yield
     finally:
         torch.backends.cuda.matmul.allow_tf32 = previous
+
+
+class Trainer:
+    """One run: the loop, and the state a checkpoint holds to resume it exactly."""
+
+    def __init__(self, sae: SAE, s: Profile, data: torch.Tensor, split, device: torch.device, fingerprint: dict,
+                 run_dir: Path | None):
+        self.sae, self.s, self.data, self.device, self.run_dir = sae, s, data, device, run_dir
+        self.train_rows, self.val_rows = split.train.to(data.device), split.val.to(data.device)
+        self.steps_per_epoch = -(-len(self.train_rows) // s.batch_size)
+        self.optimizer = make_adam(sae, s.lr, device)
+        self.stats = RunningStats(sae.d_sae, device, window=min(s.dead_after_tokens, len(self.train_rows)))
+        self.stepper = Stepper(sae, self.optimizer, self.stats, device, getattr(torch, s.dtype), s.cuda_graph)
+        self.coefficient = getattr(s, sae.sparsity_setting) if sae.sparsity_setting else 0.0
+        self.step, self.epoch, self.batch, self.tokens = 0, 1, 0, 0  # steps done; epoch (1-based); batch in it
+        self.history: list[dict] = []
+        self.fingerprint, self.wandb_id, self.saved_at = fingerprint, None, time.monotonic()
+        self.variance = total_variance(data, self.train_rows)  # for the epochs' training FVU
+
+    @property
+    def finished(self) -> bool:
+        return self.epoch > self.s.epochs
+
+    def loop(self, log: RunLog, max_steps: int | None, progress: bool) -> bool:
+        """Runs to the last epoch (True) or to max_steps (False); Ctrl-C saves a checkpoint first."""
+        s, total = self.s, self.s.epochs * self.steps_per_epoch
+        bar = tqdm(total=total, initial=self.step, desc="SAE steps", disable=not progress or self.finished)
+        try:
+            while not self.finished:
+                order = epoch_order(self.train_rows, s.seed, self.epoch)
+                for first in range(self.batch * s.batch_size, len(order), s.batch_size):
+                    # lr and λ -> step (gradients, Adam, constraint, statistics) -> log / checkpoint / stop
+                    self.stepper.set_lr(lr_at(self.step, s, total))
+                    self.stepper.set_sparsity(l1_at(self.step, self.coefficient, s.l1_warm_up_steps))
+                    losses = self.stepper(self.data, order[first:first + s.batch_size], s.batch_size)
+                    self.step, self.batch = self.step + 1, self.batch + 1
+                    self.tokens += min(s.batch_size, len(order) - first)
+                    bar.update(1)
+                    if self.step % s.log_every == 0:  # one host sync every log_every steps
+                        self.log_step(losses, log, bar)
+                    if self.checkpoint_due():
+                        self.checkpoint(log)
+                    if max_steps is not None and self.step >= max_steps:
+                        self.checkpoint(log)
+                        return False
+                self.end_epoch(log)
+            self.checkpoint(log)
+            return True
+        except KeyboardInterrupt:
+            self.checkpoint(log)  # what was trained is kept: rerun to continue
+            raise
+        finally:
+            bar.close()
+
+    def checkpoint_due(self) -> bool:
+        if self.s.checkpoint_every:
+            return self.step % self.s.checkpoint_every == 0
+        return time.monotonic() - self.saved_at >= 60 * self.s.checkpoint_minutes
+
+    def log_step(self, losses, log: RunLog, bar) -> None:
+        self.check_finite()
+        x = self.stepper.last_x
+        numbers = torch.stack([losses.total, losses.mse, losses.sparsity, losses.aux,
+                               torch.count_nonzero(losses.h) / x.shape[0], (x - x.mean(0)).pow(2).mean(),
+                               self.stats.dead().float().mean()]).tolist()
+        values = dict(zip(["train/loss", "train/mse", "train/sparsity", "train/aux", "train/l0", "variance",
+                           "train/dead_fraction"], numbers, strict=True))
+        values["train/fvu"] = values["train/mse"] / values.pop("variance")
+        values |= {"lr": self.stepper.last_lr, "sparsity_coefficient": self.stepper.last_sparsity}
+        log.log(values, step=self.step)
+        bar.set_postfix(loss=f"{values['train/loss']:.4g}", l0=f"{values['train/l0']:.1f}")
+
+    def end_epoch(self, log: RunLog) -> None:
+        self.check_finite()
+        sums, d_in = self.stats.epoch_sums(), self.sae.d_in
+        row = {"epoch": self.epoch, "step": self.step, "tokens": self.tokens,
+               "train_loss": sums["loss"] / self.batch, "train_mse": sums["sse"] / (sums["rows"] * d_in),
+               "train_sparsity": sums["sparsity"] / self.batch, "train_aux": sums["aux"] / self.batch,
+               "train_fvu": sums["sse"] / self.variance if self.variance > 0 else float("nan"),
+               "dead_fraction": self.stats.dead().float().mean().item()}
+        val = evaluate(self.sae, self.data, self.coefficient, rows=self.val_rows)
+        row |= {f"val_{k}": v for k, v in val.items()}
+        row |= {"lr": self.stepper.last_lr, "sparsity_coefficient": self.stepper.last_sparsity}
+        self.history.append(row)
+        log.log({f"epoch/{k}": v for k, v in row.items()}, step=self.step)
+        self.epoch, self.batch = self.epoch + 1, 0
+
+    def check_finite(self) -> None:
+        finite = bool(torch.stack([torch.isfinite(self.stats.sums).all()]
+                                  + [torch.isfinite(p).all() for p in self.sae.parameters()]).all())  # one sync
+        if not finite:
+            where = (f"the last good checkpoint is in {self.run_dir / 'checkpoints'}" if self.run_dir
+                     else "no checkpoint (no run_dir)")
+            raise FloatingPointError(
+                f"training stopped: the loss or the weights became NaN/inf by step {self.step} (epoch {self.epoch}); "
+                f"{where}. Lower lr (now {self.s.lr}) or the sparsity coefficient, or check the activations for "
+                "extreme values, then start a new run.")
+
+    def state(self) -> dict:
+        return {"step": self.step, "epoch": self.epoch, "batch": self.batch, "tokens": self.tokens,
+                "history": self.history, "config": {f: getattr(self.s, f) for f in TRAINING_FIELDS},
+                "data": self.fingerprint}
+
+    def checkpoint(self, log: RunLog) -> None:
+        self.check_finite()
+        if self.run_dir is not None:
+            save_checkpoint(self.run_dir / "checkpoints", self.sae, self.optimizer, self.stats.tensors(),
+                            self.state() | {"wandb_id": log.run_id})
+        self.saved_at = time.monotonic()
+
+    def resume(self) -> bool:
+        """Load the last checkpoint of run_dir; False when there is none."""
+        directory = self.run_dir / "checkpoints"
+        checkpoint = load_checkpoint(directory, self.device)
+        if checkpoint is None:
+            return False
+        saved, current = {**checkpoint.state["config"], **checkpoint.state["data"]}, {**self.state()["config"],
+                                                                                       **self.fingerprint}
+        changed = {k: (saved.get(k), v) for k, v in current.items() if k not in RESUMABLE_CHANGES and saved.get(k) != v}
+        if changed:
+            raise ValueError(f"cannot resume {directory}: the run was made with other settings or data {changed} "
+                             "(checkpoint, now). Use the same settings to continue it, or start over with "
+                             "overwrite=True (deletes its checkpoints) or another run_dir.")
+        self.sae.load_state_dict(checkpoint.sae.state_dict())
+        restore_optimizer(self.optimizer, checkpoint.tensors)
+        for name, tensor in self.stats.tensors().items():
+            tensor.copy_(checkpoint.tensors[name])
+        for key in ("step", "epoch", "batch", "tokens", "history"):
+            setattr(self, key, checkpoint.state[key])
+        self.wandb_id = checkpoint.state.get("wandb_id")
+        return True
+
+
+def evaluate(sae: SAE, data: torch.Tensor, coefficient: float = 0.0, batch_size: int = 4096,
+             rows: torch.Tensor | None = None) -> dict[str, float]:
+    """Validation metrics (`metrics.evaluate_sae` over `rows` of `data`) and the objective on them:
+    loss = mse + coefficient · the architecture's penalty (l1 or l0; topk: mse, its AuxK needs the dead set)."""
+    m = evaluate_sae(sae, data, batch_size, rows)
+    penalty = {"l1_coefficient": m["l1"], "l0_coefficient": m["l0"]}.get(sae.sparsity_setting, 0.0)
+    return {"mse": m["mse"], "l1": m["l1"], "l0": m["l0"], "loss": m["mse"] + coefficient * penalty,
+            "fraction_active": m["fraction_active"], "fvu": m["fvu"]}
 
 
 def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
@@ -74,95 +258,75 @@ def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
                          "start over with overwrite=True (deletes its checkpoints), or pick another run_dir")
 
 
-def train_sae(sae: SAE, activations: torch.Tensor, *, device: str | None = None, progress: bool = True,
+def train_sae(sae: SAE, activations, *, device: str | torch.device | None = None, progress: bool = True,
               run_dir: str | Path | None = None, resume: bool = True, overwrite: bool = False,
               max_steps: int | None = None, run_name: str | None = None, run_config: dict | None = None,
               tf32: bool | None = None, **options) -> TrainResult:
-    """Fit `sae` to `activations` (rows, d_in). `options` are TrainConfig fields (l1_coefficient, lr,
-    batch_size, epochs, val_fraction, seed, ...). With `run_dir`: `resume` continues a compatible
-    checkpoint there (none: a fresh start); `overwrite=True` deletes its checkpoints first. `max_steps`
-    stops early after that many steps in all (with a checkpoint), e.g. to test resuming. `run_config`
-    (e.g. the profile) goes to wandb. `tf32` (default: on CUDA) allows TF32 matmuls during training only."""
-    config = TrainConfig(**options)
-    check_activations(activations)
-    if activations.shape[1] != sae.d_in:
-        raise ValueError(f"activations have d_in={activations.shape[1]} but the SAE expects {sae.d_in}; "
-                         "build the SAE with SAE(d_in=activations.shape[1], ...)")
-    device = device or next(sae.parameters()).device.type
+    """Train `sae` **in place** on `activations` ((rows, d_in) tensor or numpy array) and return
+    TrainResult(sae, history): the same SAE object, on the training device, and one row per epoch.
+
+    options: the training settings of saelab.config.TRAINING_FIELDS, defaulting to the seed's
+    (epochs=100, batch_size=512, lr=1e-3 constant, l1_coefficient=1e-3, val_fraction=0.1, seed=0, ...).
+    device: where to train (default: where the SAE is; the SAE is moved there). With `run_dir`:
+    `resume` continues a compatible checkpoint there; `overwrite=True` deletes its checkpoints first.
+    `max_steps` stops early after that many steps in all (with a checkpoint). `run_config` (e.g. the
+    profile) goes to wandb. `tf32` (default: on CUDA) allows TF32 matmuls during training only.
+    """
+    s = training_settings(sae, options)
+    activations = as_activations(activations, sae.d_in)
+    device = torch.device(device) if device is not None else next(sae.parameters()).device
     run_dir = Path(run_dir) if run_dir is not None else None
     if run_dir is not None:
         prepare_run_dir(run_dir, resume, overwrite)
-    split = train_val_split(activations.shape[0], config.val_fraction, config.seed)  # row indices: no copy
+    split = train_val_split(activations.shape[0], s.val_fraction, s.seed)  # row indices: no copy
     data = to_training_device(activations, device)  # no copy on CPU when already float32
-    fingerprint = {"rows": activations.shape[0], "d_in": activations.shape[1], "recipe": recipe_of(sae),
+    sae.to(device)
+    fingerprint = {"rows": activations.shape[0], "d_in": activations.shape[1], "architecture": sae.architecture,
+                   "options": sae.option_values(),
                    "checksum": activations[:: max(1, activations.shape[0] // 1024)].double().sum().item()}
-    with tf32_matmuls(torch.device(device).type == "cuda" if tf32 is None else tf32):
-        run = TrainingRun(sae, config, data, split, device, fingerprint, run_dir)
-        if not (run_dir is not None and resume and run.resume()):
-            init_b_dec(sae, data.index_select(0, run.train[:4096]).to(device), config.b_dec_init)
-        log = RunLog(run_dir, {"train": dataclasses.asdict(config), **(run_config or {})},
-                     run_id=run.wandb_id, name=run_name)
+    with tf32_matmuls(device.type == "cuda" if tf32 is None else tf32):
+        trainer = Trainer(sae, s, data, split, device, fingerprint, run_dir)
+        if not (run_dir is not None and resume and trainer.resume()):
+            sae.init_b_dec(data.index_select(0, trainer.train_rows[:4096]).to(device, torch.float32), s.b_dec_init)
+        config = {"train": {f: getattr(s, f) for f in TRAINING_FIELDS}, **(run_config or {})}
+        log = RunLog(run_dir if not trainer.finished else None, config, run_id=trainer.wandb_id, name=run_name)
         try:
-            finished = run.loop(log, max_steps, progress)
+            finished = trainer.loop(log, max_steps, progress)
         finally:
             log.finish()
-    history = log.save_history(run.progress.history)
+    history = RunLog.write_history(run_dir, trainer.history)
     if finished and run_dir is not None:
-        sae.save(run_dir)  # the run's SAE: cfg.json + sae_weights.safetensors (SAELens layout)
+        sae.save(run_dir)  # the run's SAE: cfg.json + sae_weights.safetensors (SAELens format)
     return TrainResult(sae=sae, history=history)
 
 
-def train_profile(profile, activations: torch.Tensor, name: str = "sae", *, resume: bool = True,
-                  overwrite: bool = False, progress: bool = True, device: str | None = None,
-                  max_steps: int | None = None) -> TrainResult:
-    """Notebook 03: a fresh SAE for `profile.recipe`, trained with the profile's settings in the run
-    folder paths.sae_dir(profile, name); rerunning resumes (or returns the finished run at once).
-    A run there from other settings is refused: pass overwrite=True or another `name`."""
+def sae_for_profile(profile: Profile, device: str | torch.device = "cpu") -> SAE:
+    """A fresh SAE of profile.architecture with the profile's options, seeded by profile.seed
+    (the global RNG is left untouched), on `device`."""
+    options = {option: getattr(profile, field) for option, field in REGISTRY[profile.architecture].options.items()}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(profile.seed)
+        sae = sae_for(profile.architecture, profile.d_in, profile.d_sae, **options,
+                      metadata={"model_name": profile.model_name, "hook_name": profile.hook, "profile": profile.name})
+    return sae.to(device)
+
+
+def profile_training_options(profile: Profile, sae: SAE) -> dict:
+    """The profile's training settings for this SAE (the sparsity coefficient its architecture takes)."""
+    return {f: getattr(profile, f) for f in TRAINING_FIELDS if f not in SPARSITY_FIELDS or f == sae.sparsity_setting}
+
+
+def train_profile(profile: Profile, activations, name: str = "sae", *, resume: bool = True, overwrite: bool = False,
+                  progress: bool = True, device: str | None = None, max_steps: int | None = None) -> TrainResult:
+    """Notebook 03: a fresh SAE for the profile, trained with the profile's settings in the run folder
+    paths.sae_dir(profile, name), on `device` (default: the GPU when there is one), where result.sae stays.
+    Rerunning resumes (or returns the finished run at once). A run there from other settings is refused:
+    pass overwrite=True or another `name`."""
     from saelab import paths
     from saelab.config import default_device
 
-    return train_sae(sae_for_profile(profile), activations, device=device or default_device(), progress=progress,
-                     run_dir=paths.sae_dir(profile, name), resume=resume, overwrite=overwrite, max_steps=max_steps,
-                     run_name=f"{profile.name}-{name}", run_config={"profile": profile.to_dict()},
-                     **dataclasses.asdict(TrainConfig.from_profile(profile)))
-
-
-def compare_recipes(profile, train_activations: torch.Tensor, eval_activations: torch.Tensor, lm,
-                    tokens: torch.Tensor, recipes=("tied_l1", "l1", "topk"), progress: bool = True) -> pd.DataFrame:
-    """Train (or reuse) one SAE per recipe on the same activations, all other settings equal, and
-    evaluate each on held-out activations and tokens: L0, FVU, dead %, CE loss recovered, KL.
-    The profile's own recipe is its main run ("sae"); the others are runs "recipe_<name>"."""
-    from saelab.metrics import ce_loss_recovered, evaluate_sae
-
-    rows = []
-    for recipe in recipes:
-        name = "sae" if recipe == profile.recipe else f"recipe_{recipe}"
-        sae = train_profile(profile.replace(recipe=recipe), train_activations, name, progress=progress).sae
-        quality = evaluate_sae(sae, eval_activations)
-        ce = ce_loss_recovered(lm, sae, tokens, profile.hook, skip_first_position=profile.exclude_first_position)
-        rows.append({"recipe": recipe, "run": name, "l0": quality["l0"], "fvu": quality["fvu"],
-                     "ce_loss_recovered": ce["ce_loss_recovered"], "kl_sae": ce["kl_sae"],
-                     "ablation_gap": ce["ce_zero"] - ce["ce_clean"],
-                     "dead_pct": 100 * quality["dead_fraction"], "dense_pct": 100 * quality["dense_fraction"]})
-    return pd.DataFrame(rows).set_index("recipe")
-
-
-def describe_recipes(table: pd.DataFrame, profile) -> str:
-    """The comparison in plain words, from the numbers in `table` (one line per recipe)."""
-    d_sae = profile.d_sae
-    lines = [f"{recipe}: L0 {row.l0:.1f} of {d_sae} latents per token ({row.l0 / d_sae:.1%}), "
-             f"FVU {row.fvu:.3f}, CE loss recovered {row.ce_loss_recovered:.1%}, dead {row.dead_pct:.1f}%"
-             for recipe, row in table.iterrows()]
-    if "tied_l1" in table.index and len(table) > 1:
-        seed, others = table.loc["tied_l1"], table.drop(index="tied_l1")
-        sparser = others[(others.l0 < seed.l0) & (others.fvu <= seed.fvu)].index.tolist()
-        lines.append(f"The seed recipe (tied_l1) uses {seed.l0 / d_sae:.1%} of its latents per token "
-                     f"(the seed article reported ~12.5%). "
-                     + (f"{', '.join(sparser)} reconstruct at least as well with fewer active latents."
-                        if sparser else "No other recipe here is both sparser and at least as accurate."))
-    if (table["ablation_gap"] < ILL_CONDITIONED_GAP).any():
-        lines.append(f"Zeroing the residual stream raises CE by only {table['ablation_gap'].min():.3f} nats here, "
-                     "so CE loss recovered is ill-conditioned (it can exceed 100%); compare FVU and KL instead.")
-    if profile.is_offline:
-        lines.append("OFFLINE PROFILE: a random-weight model; these numbers check the pipeline, not GPT-2.")
-    return "\n".join(lines)
+    device = device or default_device()
+    sae = sae_for_profile(profile, device)
+    return train_sae(sae, activations, device=device, progress=progress, run_dir=paths.sae_dir(profile, name),
+                     resume=resume, overwrite=overwrite, max_steps=max_steps, run_name=f"{profile.name}-{name}",
+                     run_config={"profile": profile.to_dict()}, **profile_training_options(profile, sae))

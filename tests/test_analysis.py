@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from saelab.analysis import logit_attribution, max_activating, top_features, top_logit_tokens, unembedding
-from saelab.sae import SAE
+from saelab.sae import SAE, sae_for
 from saelab.store import StoreWriter
 
 PAD = 99
@@ -119,7 +119,7 @@ def test_top_features_orders_by_column_then_feature_id(tmp_path):
 
 
 def test_logit_attribution_by_hand():
-    sae = SAE(2, 1, tied=False)
+    sae = sae_for("standard", 2, 1)
     with torch.no_grad():
         sae.W_dec.copy_(torch.tensor([[1.0, 3.0]]))
     W_U = torch.tensor([[1.0, 0.0, 2.0], [0.0, 1.0, -1.0]])  # (d_in, d_vocab)

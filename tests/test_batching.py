@@ -3,8 +3,7 @@ import torch
 
 from saelab.batching import (
     check_activations,
-    sequential_batches,
-    shuffled_batches,
+    epoch_order,
     to_training_device,
     train_val_split,
 )
@@ -15,39 +14,18 @@ def rows(n: int, d: int = 3) -> torch.Tensor:
     return torch.arange(n, dtype=torch.float32)[:, None].expand(n, d).clone()
 
 
-def test_every_row_exactly_once_per_epoch():
-    data = rows(103)
-    generator = torch.Generator().manual_seed(0)
-    for _ in range(3):
-        seen = torch.cat([b[:, 0] for b in shuffled_batches(data, 10, generator=generator)])
-        assert sorted(seen.tolist()) == list(range(103))
+def test_every_row_exactly_once_per_epoch_in_a_shuffled_order():
+    rows = torch.arange(103)
+    for epoch in (1, 2):
+        order = epoch_order(rows, seed=0, epoch=epoch)
+        assert sorted(order.tolist()) == list(range(103)) and order.tolist() != list(range(103))
+    assert not torch.equal(epoch_order(rows, 0, 1), epoch_order(rows, 0, 2))  # a new order each epoch
 
 
-def test_batches_are_shuffled_and_sized():
-    batches = list(shuffled_batches(rows(100), 32, generator=torch.Generator().manual_seed(1)))
-    assert [b.shape[0] for b in batches] == [32, 32, 32, 4]
-    assert torch.cat([b[:, 0] for b in batches]).tolist() != list(range(100))
-
-
-def test_rows_limit_the_epoch_to_those_rows():
+def test_same_seed_and_epoch_same_order_and_only_the_given_rows():
     chosen = torch.tensor([7, 3, 11, 0, 5])
-    seen = torch.cat([b[:, 0] for b in shuffled_batches(rows(20), 2, rows=chosen,
-                                                          generator=torch.Generator().manual_seed(0))])
-    assert sorted(seen.tolist()) == [0, 3, 5, 7, 11]
-
-
-def test_start_skips_batches_of_the_same_order():
-    def epoch(start: int) -> list[float]:
-        batches = shuffled_batches(rows(50), 8, generator=torch.Generator().manual_seed(4), start=start)
-        return torch.cat([b[:, 0] for b in batches]).tolist()
-
-    assert epoch(2) == epoch(0)[16:]
-
-
-def test_same_seed_same_order():
-    a = [b[:, 0] for b in shuffled_batches(rows(50), 8, generator=torch.Generator().manual_seed(3))]
-    b = [b[:, 0] for b in shuffled_batches(rows(50), 8, generator=torch.Generator().manual_seed(3))]
-    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    assert torch.equal(epoch_order(chosen, 3, 1), epoch_order(chosen, 3, 1))
+    assert sorted(epoch_order(chosen, 3, 1).tolist()) == [0, 3, 5, 7, 11]
 
 
 def test_split_is_disjoint_complete_sized_and_seeded_row_indices():
@@ -62,12 +40,6 @@ def test_split_is_disjoint_complete_sized_and_seeded_row_indices():
 def test_tiny_split_keeps_one_row_each_side():
     split = train_val_split(2, val_fraction=0.01)
     assert (split.train.shape[0], split.val.shape[0]) == (1, 1)
-
-
-def test_sequential_batches_keep_order_of_all_rows_or_the_given_rows():
-    assert torch.cat([b[:, 0] for b in sequential_batches(rows(7), 3)]).tolist() == list(range(7))
-    chosen = torch.tensor([5, 1, 6, 2])
-    assert torch.cat([b[:, 0] for b in sequential_batches(rows(7), 3, rows=chosen)]).tolist() == [5, 1, 6, 2]
 
 
 def test_float32_data_on_cpu_is_not_copied_for_training():

@@ -6,13 +6,13 @@ import threading
 import pytest
 
 from saelab import config
-from saelab.config import GPT2, OFFLINE, QUICK, Profile, load_profile
+from saelab.config import GPT2, OFFLINE, QUICK, Profile, field_names, load_profile
 
 
 def test_gpt2_profile_is_the_seed_table():
     assert (GPT2.model_name, GPT2.hook, GPT2.n_texts, GPT2.context_size) == \
         ("gpt2", "blocks.6.hook_resid_pre", 20_000, 128)
-    assert (GPT2.d_in, GPT2.d_sae, GPT2.recipe, GPT2.l1_coefficient) == (768, 6144, "tied_l1", 1e-3)
+    assert (GPT2.d_in, GPT2.d_sae, GPT2.architecture, GPT2.l1_coefficient) == (768, 6144, "tied", 1e-3)
     assert (GPT2.lr, GPT2.batch_size, GPT2.epochs) == (1e-3, 512, 100)
     assert (GPT2.mae_texts, GPT2.mae_top_k, GPT2.mae_top_features) == (5_000, 5, 20)
     assert GPT2.layer == 6
@@ -50,21 +50,36 @@ def test_overrides_replace_single_fields():
 
 
 @pytest.mark.parametrize("field, value, message", [
-    ("recipe", "relu", "recipe='relu'.*tied_l1"),
+    ("architecture", "relu", "architecture='relu': choose one of .*'tied'"),
     ("hook", "layer6", "hook='layer6'.*blocks.6.hook_resid_pre"),
     ("val_fraction", 1.0, "val_fraction"),
     ("batch_size", 0, "batch_size=0"),
     ("store_dtype", "int8", "store_dtype"),
     ("torch_threads", -1, "torch_threads=-1"),
-    ("checkpoint_every", 0, "checkpoint_every=0: optimizer steps between checkpoints, a positive integer"),
+    ("checkpoint_every", -1, "checkpoint_every=-1: must be an integer >= 0"),
+    ("lr_scheduler_name", "cosine", "lr_scheduler_name='cosine': choose one of .*cosineannealing"),
+    ("dtype", "float16", "dtype='float16': choose one of .*bfloat16"),
+    ("l0_coefficient", -1.0, "l0_coefficient=-1.0: must be a number >= 0"),
     ("b_dec_init", "median", r"b_dec_init='median': choose one of \('zeros', 'mean', 'geometric_median'\)"),
-    ("ce_eval_contexts", 0, "ce_eval_contexts=0: .*positive integer"),
-    ("aux_k", -4, "aux_k=-4: an integer >= 0"),
-    ("l1_warmup_steps", 10.5, "l1_warmup_steps=10.5: an integer >= 0"),
+    ("ce_eval_contexts", 0, "ce_eval_contexts=0: must be an integer >= 1"),
+    ("aux_k", -4, "aux_k=-4: must be an integer >= 0"),
+    ("l1_warm_up_steps", 10.5, "l1_warm_up_steps=10.5: must be an integer >= 0"),
 ])
 def test_invalid_values_say_what_to_change(field, value, message):
     with pytest.raises(ValueError, match=message):
         GPT2.replace(**{field: value})
+
+
+@pytest.mark.parametrize("old, new", [("recipe", "architecture"), ("l1_warmup_steps", "l1_warm_up_steps")])
+def test_renamed_fields_say_their_new_name(old, new):
+    with pytest.raises(ValueError, match=f"{old} is now {new}"):
+        Profile.from_dict({**GPT2.to_dict(), old: 1})
+
+
+def test_every_training_field_is_a_profile_field():
+    from saelab.config import TRAINING_FIELDS
+
+    assert set(TRAINING_FIELDS) <= set(field_names())
 
 
 def test_apply_threads_sets_the_profile_count_and_zero_keeps_torch_default():
@@ -134,7 +149,7 @@ def test_import_does_no_work():
 @pytest.mark.parametrize("field, value, message", [
     ("synth_topk_ks", (4, 200), r"synth_topk_ks=\(4, 200\).*1\.\.64"),  # offline's narrowest dictionary: 64
     ("synth_dict_ratios", (), "synth_dict_ratios"),
-    ("synth_l1_coefficients", (-1e-3,), "λ must be >= 0"),
+    ("synth_l1_coefficients", (-1e-3,), "each coefficient must be >= 0"),
     ("synth_samples", 0, "synth_samples=0"),
 ])
 def test_invalid_synthetic_settings_say_what_to_change(field, value, message):

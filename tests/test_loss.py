@@ -28,7 +28,7 @@ def test_decoder_weighted_l1_by_hand():
 
 
 def test_decoder_weighted_l1_equals_l1_for_unit_norm_rows():
-    # the l1 recipe holds decoder rows at unit norm, so its plain L1 is SAELens' weighted one
+    # the untied architectures hold decoder rows at unit norm, so their plain L1 is SAELens' weighted one
     W_dec = torch.nn.functional.normalize(torch.randn(3, 2), dim=1)
     assert torch.isclose(decoder_weighted_l1_penalty(H, W_dec), l1_penalty(H))
 

@@ -18,7 +18,7 @@ from saelab.metrics import (
     log10_density,
     normalised_mse,
 )
-from saelab.sae import SAE
+from saelab.sae import SAE, sae_for
 
 X = torch.tensor([[1.0, 0.0], [3.0, 0.0]])  # mean [2, 0]; squared distances to it: 1, 1
 X_HAT = torch.tensor([[1.0, 0.0], [1.0, 0.0]])  # squared errors per token: 0, 4
@@ -59,7 +59,7 @@ def tiny_lm() -> HookedTransformer:
 
 def identity_sae(d: int) -> SAE:
     """relu(x) - relu(-x) = x: the SAE reconstructs exactly."""
-    sae = SAE(d, 2 * d, tied=False)
+    sae = sae_for("standard", d, 2 * d)
     with torch.no_grad():
         sae.W_enc.copy_(torch.cat([torch.eye(d), -torch.eye(d)], dim=1))
         sae.b_enc.zero_()
@@ -69,7 +69,7 @@ def identity_sae(d: int) -> SAE:
 
 
 def zero_sae(d: int) -> SAE:
-    sae = SAE(d, 4, tied=True)
+    sae = SAE(d, 4)
     with torch.no_grad():
         for p in sae.parameters():
             p.zero_()

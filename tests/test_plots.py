@@ -104,21 +104,23 @@ def test_training_builders_name_profile_and_show_each_column():
     fig = plots.training_curves(history, profile, "cpu")
     assert [trace.name for trace in fig.data] == ["val_loss", "train_mse", "val_mse", "val_l0"]
     assert "NOT GPT-2" in fig.layout.title.text and "cpu" in fig.layout.title.text
-    table = pd.DataFrame({"l0": [10.0, 4.0], "fvu": [0.2, 0.3], "ce_loss_recovered": [0.9, 0.75]},
-                         index=pd.Index(["tied_l1", "topk"], name="recipe"))
-    fig = plots.recipe_comparison(table, profile, "cpu")
-    assert list(fig.data[0].text) == ["tied_l1<br>CE rec. 90%", "topk<br>CE rec. 75%"]
+    table = pd.DataFrame({"l0": [10.0, 4.0], "fvu": [0.2, 0.3], "ce_loss_recovered_pct": [90.0, 75.0]},
+                         index=pd.Index(["tied", "topk"], name="architecture"))
+    fig = plots.architecture_comparison(table, profile, "cpu")
+    assert list(fig.data[0].text) == ["tied<br>CE rec. 90%", "topk<br>CE rec. 75%"]
     assert "profile offline" in fig.layout.title.text
 
 
-def test_sweep_figure_has_mmcs_and_l0_per_recipe_and_size_and_names_synthetic_data():
-    results = pd.DataFrame({"recipe": ["tied_l1", "tied_l1", "topk", "topk"], "d_sae": [8, 16, 8, 16],
-                            "knob_value": [1e-3, 1e-3, 2, 2], "mmcs": [0.5, 0.6, 0.7, 0.8], "l0": [3.0, 4, 2, 2]})
+def test_sweep_figure_has_mmcs_and_l0_per_architecture_and_size_and_names_synthetic_data():
+    results = pd.DataFrame({"architecture": ["tied", "tied", "topk", "topk"], "d_sae": [8, 16, 8, 16],
+                            "knob": ["λ", "λ", "k", "k"], "knob_value": [1e-3, 1e-3, 2, 2],
+                            "mmcs": [0.5, 0.6, 0.7, 0.8], "l0": [3.0, 4, 2, 2]})
     offline = load_profile("offline")
     fig = plots.sweep_figure(results, offline, "cpu", true_l0=2.0)
-    assert len(fig.data) == 2 * 2 * 2  # metrics x recipes x dictionary sizes, one line each
+    assert len(fig.data) == 2 * 2 * 2  # metrics x architectures x dictionary sizes, one line each
     labels = {a.text for a in fig.layout.annotations}
-    assert {"tied_l1", "topk", "MMCS (true → learned)", "L0 (active latents)"} <= labels
+    assert {"tied", "topk", "MMCS (true → learned)", "L0 (active latents)"} <= labels
+    assert {fig.layout.xaxis.title.text, fig.layout.xaxis2.title.text} == {"λ", "k"}
     title = fig.layout.title.text
     assert f"{offline.synth_features} synthetic features" in title and "profile offline" in title
     assert "synthetic data" in title and "random-weight" not in title  # no model made this data

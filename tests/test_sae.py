@@ -1,110 +1,130 @@
+"""SAE files: saelab's save/load for every architecture, SAELens reading ours, saelab reading SAELens'."""
+
 import json
 
 import pytest
 import torch
 
-from saelab.sae import SAE
+from saelab.sae import ARCHITECTURES, SAE, sae_for
+
+OPTIONS = {"topk": {"k": 3}, "batchtopk": {"k": 3}}
 
 
-def hand_sae(tied: bool, k: int | None = None) -> SAE:
-    """d_in=2, d_sae=2 with weights small enough to check by hand."""
-    sae = SAE(d_in=2, d_sae=2, tied=tied, k=k)
+def trained_looking(architecture: str, d_in: int = 6, d_sae: int = 12) -> SAE:
+    """Random weights plus the state training would have changed (b_dec, thresholds)."""
+    sae = sae_for(architecture, d_in, d_sae, metadata={"hook_name": "blocks.6.hook_resid_pre"},
+                  **OPTIONS.get(architecture, {}))
     with torch.no_grad():
-        sae.W_enc.copy_(torch.tensor([[1.0, -1.0], [2.0, 0.5]]))  # [d_in, d_sae]
-        sae.b_enc.copy_(torch.tensor([0.0, 0.5]))
-        sae.b_dec.copy_(torch.tensor([0.1, -0.1]))
-        if not tied:
-            sae.W_dec.copy_(torch.tensor([[0.0, 1.0], [1.0, 0.0]]))  # [d_sae, d_in]
+        sae.b_dec.normal_()  # a nonzero b_dec checks that SAELens does not subtract it from the input
+        if architecture == "jumprelu":
+            sae.threshold.uniform_(0.0, 0.5)
+        if architecture == "batchtopk":
+            sae.threshold.fill_(0.123456789012345)  # float64 digits that float32 would lose
     return sae
-
-
-X = torch.tensor([[1.0, 1.0], [1.0, -1.0]])
-# pre = X @ W_enc + b_enc = [[3, 0], [-1, -1]]  ->  h = relu(pre) = [[3, 0], [0, 0]]
-H = torch.tensor([[3.0, 0.0], [0.0, 0.0]])
-
-
-def test_encode_by_hand():
-    assert torch.equal(hand_sae(tied=True).encode(X), H)
-
-
-def test_tied_decoder_is_encoder_transpose_by_hand():
-    # x_hat = h @ W_enc^T + b_dec: row 0 = 3 * [1, 2] + [0.1, -0.1]
-    out = hand_sae(tied=True)(X)
-    assert torch.allclose(out.x_hat, torch.tensor([[3.1, 5.9], [0.1, -0.1]]))
-    assert torch.equal(out.h, H)
-
-
-def test_tied_matches_the_seed_code():
-    # the seed: x_recon = F.linear(h, encoder.weight.t(), decoder_bias), encoder = nn.Linear(d_in, d_sae)
-    sae = SAE(d_in=5, d_sae=7, tied=True)
-    encoder = torch.nn.Linear(5, 7)
-    with torch.no_grad():
-        encoder.weight.copy_(sae.W_enc.t())
-        encoder.bias.copy_(sae.b_enc)
-    x = torch.randn(4, 5)
-    h = torch.relu(encoder(x))
-    expected = torch.nn.functional.linear(h, encoder.weight.t(), sae.b_dec)
-    assert torch.allclose(sae(x).x_hat, expected, atol=1e-6)
-
-
-def test_untied_uses_its_own_decoder_by_hand():
-    out = hand_sae(tied=False)(X)
-    # x_hat row 0 = 3 * W_dec[0] + b_dec = [0.1, 2.9]
-    assert torch.allclose(out.x_hat, torch.tensor([[0.1, 2.9], [0.1, -0.1]]))
-
-
-def test_tied_has_no_separate_decoder_parameter():
-    assert {n for n, _ in SAE(3, 6, tied=True).named_parameters()} == {"W_enc", "b_enc", "b_dec"}
-    assert {n for n, _ in SAE(3, 6, tied=False).named_parameters()} == {"W_enc", "b_enc", "b_dec", "W_dec"}
-
-
-def test_topk_keeps_k_largest_then_relu():
-    sae = SAE(d_in=3, d_sae=3, k=2)
-    with torch.no_grad():
-        sae.W_enc.copy_(torch.eye(3))
-        sae.b_enc.zero_()
-    h = sae.encode(torch.tensor([[3.0, -1.0, 2.0], [-5.0, -1.0, -2.0]]))
-    assert torch.equal(h, torch.tensor([[3.0, 0.0, 2.0], [0.0, 0.0, 0.0]]))
 
 
 def test_wrong_width_input_is_a_clear_error():
     with pytest.raises(ValueError, match="3 features but the SAE expects d_in=2"):
-        hand_sae(tied=True)(torch.zeros(1, 3))
+        SAE(2, 4)(torch.zeros(1, 3))
 
 
-@pytest.mark.parametrize("tied", [True, False])
-def test_parameters_are_contiguous_new_and_loaded(tmp_path, tied):
-    """Fused Adam pairs parameter and (contiguous, restored) state memory element by element."""
-    sae = SAE(d_in=3, d_sae=5, tied=tied)
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_save_load_round_trip(tmp_path, architecture):
+    sae = trained_looking(architecture)
     loaded = SAE.load(sae.save(tmp_path / "sae"))
-    assert all(p.is_contiguous() for model in (sae, loaded) for p in model.parameters())
-    if not tied:
-        assert torch.allclose(sae.W_dec.norm(dim=1), torch.ones(5))  # unit rows along W_enc's columns
-        assert torch.allclose(sae.W_dec * sae.W_enc.t().norm(dim=1, keepdim=True), sae.W_enc.t())
-
-
-@pytest.mark.parametrize("tied, k", [(True, None), (False, None), (False, 2)])
-def test_save_load_round_trip(tmp_path, tied, k):
-    sae = SAE(d_in=4, d_sae=8, tied=tied, k=k, metadata={"hook_name": "blocks.6.hook_resid_pre"})
-    sae.save(tmp_path / "sae")
-    loaded = SAE.load(tmp_path / "sae")
-    x = torch.randn(5, 4)
-    assert (loaded.tied, loaded.k, loaded.metadata) == (tied, k, sae.metadata)
+    x = torch.randn(5, 6)
+    assert type(loaded) is type(sae) and loaded.metadata == sae.metadata
+    assert loaded.option_values() == sae.option_values()
+    assert all(torch.equal(a, b) for a, b in zip(sae.state_dict().values(), loaded.state_dict().values(), strict=True))
     assert torch.equal(loaded(x).x_hat, sae(x).x_hat)
     assert not list((tmp_path / "sae").glob("*.tmp"))
+    assert all(p.is_contiguous() for p in loaded.parameters())  # fused Adam pairs memory element by element
 
 
-@pytest.mark.parametrize("tied, k", [(True, None), (False, None), (False, 3)])
-def test_saved_folder_loads_in_saelens_with_identical_reconstruction(tmp_path, tied, k):
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_saved_folder_loads_in_saelens_with_identical_outputs(tmp_path, architecture):
     sae_lens = pytest.importorskip("sae_lens")
-    sae = SAE(d_in=6, d_sae=12, tied=tied, k=k)
-    with torch.no_grad():
-        sae.b_dec.normal_()  # a nonzero b_dec checks that SAELens does not subtract it from the input
+    sae = trained_looking(architecture)
     sae.save(tmp_path / "sae")
     theirs = sae_lens.SAE.load_from_disk(str(tmp_path / "sae"))
-    x = torch.randn(10, 6)
+    expected = {"tied": "standard", "standard": "standard", "topk": "topk", "batchtopk": "jumprelu",
+                "jumprelu": "jumprelu"}[architecture]
+    assert theirs.cfg.architecture() == expected
+    x = torch.randn(10, 6) * 2
+    assert torch.allclose(theirs.encode(x), sae.encode(x), atol=1e-5)
     assert torch.allclose(theirs(x), sae(x).x_hat, atol=1e-5)
-    assert torch.allclose(theirs.encode(x), sae(x).h, atol=1e-5)
+
+
+def saelens_folder(tmp_path, architecture: str, apply_b_dec_to_input: bool):
+    """A folder written by SAELens itself, with random weights."""
+    import sae_lens
+
+    config_class, sae_class = {
+        "standard": (sae_lens.StandardSAEConfig, sae_lens.StandardSAE),
+        "topk": (sae_lens.TopKSAEConfig, sae_lens.TopKSAE),
+        "jumprelu": (sae_lens.JumpReLUSAEConfig, sae_lens.JumpReLUSAE),
+    }[architecture]
+    extra = {"k": 3} if architecture == "topk" else {}
+    theirs = sae_class(config_class(d_in=6, d_sae=12, apply_b_dec_to_input=apply_b_dec_to_input, **extra))
+    with torch.no_grad():
+        for p in theirs.parameters():
+            p.normal_()
+        if architecture == "jumprelu":
+            theirs.threshold.uniform_(0.0, 0.5)
+    theirs.save_model(tmp_path / "theirs")
+    return theirs, tmp_path / "theirs"
+
+
+@pytest.mark.parametrize("architecture", ["standard", "topk", "jumprelu"])
+@pytest.mark.parametrize("apply_b_dec_to_input", [True, False])
+def test_a_folder_written_by_saelens_loads_with_identical_outputs(tmp_path, architecture, apply_b_dec_to_input):
+    pytest.importorskip("sae_lens")
+    theirs, folder = saelens_folder(tmp_path, architecture, apply_b_dec_to_input)
+    ours = SAE.load(folder)
+    assert ours.architecture == architecture and ours.apply_b_dec_to_input == apply_b_dec_to_input
+    x = torch.randn(10, 6)
+    assert torch.allclose(ours.encode(x), theirs.encode(x), atol=1e-5)
+    assert torch.allclose(ours(x).x_hat, theirs(x), atol=1e-5)
+
+
+def test_a_saelens_architecture_saelab_lacks_names_what_it_loads(tmp_path):
+    SAE(2, 4).save(tmp_path)
+    cfg = json.loads((tmp_path / "cfg.json").read_text())
+    del cfg["saelab"]
+    cfg["architecture"] = "gated"
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="architecture 'gated' is not one saelab implements.*'standard', 'topk'"):
+        SAE.load(tmp_path)
+
+
+def test_unsupported_saelens_options_are_refused(tmp_path):
+    SAE(2, 4).save(tmp_path)
+    cfg = json.loads((tmp_path / "cfg.json").read_text())
+    del cfg["saelab"]
+    cfg["normalize_activations"] = "expected_average_only_in"
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="normalize_activations='expected_average_only_in' is not supported"):
+        SAE.load(tmp_path)
+
+
+def test_a_format_1_folder_still_loads(tmp_path):
+    sae = trained_looking("tied")
+    sae.save(tmp_path)
+    cfg = json.loads((tmp_path / "cfg.json").read_text())
+    cfg["saelab"] = {"format_version": 1, "tied": True}  # what saelab wrote before architectures had names
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    assert SAE.load(tmp_path).architecture == "tied"
+
+
+def test_a_tied_folder_whose_decoder_is_not_the_transpose_is_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    SAE(2, 4).save(tmp_path)
+    tensors = load_file(tmp_path / "sae_weights.safetensors")
+    tensors["W_dec"] = tensors["W_dec"] + 1
+    save_file(tensors, tmp_path / "sae_weights.safetensors")
+    with pytest.raises(ValueError, match="W_dec != W_enc"):
+        SAE.load(tmp_path)
 
 
 def test_missing_file_names_what_an_sae_folder_holds(tmp_path):
@@ -140,13 +160,12 @@ def test_shape_mismatch_with_cfg_is_a_clear_error(tmp_path):
 
 def test_missing_key_is_a_clear_error(tmp_path):
     from safetensors.torch import save_file
-    SAE(2, 4).save(tmp_path)
+    sae_for("jumprelu", 2, 4).save(tmp_path)
     save_file({"W_enc": torch.zeros(2, 4)}, tmp_path / "sae_weights.safetensors")
-    with pytest.raises(ValueError, match=r"lacks \['W_dec', 'b_dec', 'b_enc'\]"):
+    with pytest.raises(ValueError, match=r"lacks \['W_dec', 'b_dec', 'b_enc', 'threshold'\]"):
         SAE.load(tmp_path)
 
 
-@pytest.mark.parametrize("kwargs", [{"d_in": 0, "d_sae": 4}, {"d_in": 2, "d_sae": 4, "k": 5}])
-def test_bad_construction_arguments(kwargs):
-    with pytest.raises(ValueError):
-        SAE(**kwargs)
+def test_old_signature_says_what_to_call():
+    with pytest.raises(TypeError, match="sae_for"):
+        SAE(2, 4, tied=False)
