@@ -22,22 +22,28 @@ def run_name(profile, architecture: str) -> str:
     return "sae" if architecture == profile.architecture else architecture
 
 
+def quality(sae, eval_activations: torch.Tensor, lm, tokens: torch.Tensor, profile) -> dict[str, float]:
+    """One SAE on held-out activations and tokens: L0, FVU, explained variance (1 - FVU), CE loss recovered
+    (%), KL (nats per token), the zero-ablation gap (nats), dead and dense latents (%)."""
+    m = evaluate_sae(sae, eval_activations)
+    ce = ce_loss_recovered(lm, sae, tokens, profile.hook, skip_first_position=profile.exclude_first_position)
+    return {"l0": m["l0"], "fvu": m["fvu"], "explained_variance": 1 - m["fvu"],
+            "ce_loss_recovered_pct": 100 * ce["ce_loss_recovered"], "kl_sae": ce["kl_sae"],
+            "ablation_gap": ce["ce_zero"] - ce["ce_clean"], "dead_pct": 100 * m["dead_fraction"],
+            "dense_pct": 100 * m["dense_fraction"]}
+
+
 def compare_architectures(profile, train_activations: torch.Tensor, eval_activations: torch.Tensor, lm,
                           tokens: torch.Tensor, architectures: tuple[str, ...] | None = None,
                           progress: bool = True) -> pd.DataFrame:
-    """Train (or reuse) one SAE per architecture (default: all registered) and evaluate each on held-out
-    activations and tokens: L0, FVU, explained variance, CE loss recovered, KL, dead and dense latents."""
+    """Train (or reuse) one SAE per architecture (default: all registered) and measure each with `quality`."""
     rows = []
     for architecture in architectures or architecture_names():
         name = run_name(profile, architecture)
         sae = train_profile(profile.replace(architecture=architecture), train_activations, name,
                             progress=progress).sae
-        quality = evaluate_sae(sae, eval_activations)
-        ce = ce_loss_recovered(lm, sae, tokens, profile.hook, skip_first_position=profile.exclude_first_position)
-        rows.append({"architecture": architecture, "run": name, "l0": quality["l0"], "fvu": quality["fvu"],
-                     "explained_variance": 1 - quality["fvu"], "ce_loss_recovered_pct": 100 * ce["ce_loss_recovered"],
-                     "kl_sae": ce["kl_sae"], "ablation_gap": ce["ce_zero"] - ce["ce_clean"],
-                     "dead_pct": 100 * quality["dead_fraction"], "dense_pct": 100 * quality["dense_fraction"]})
+        rows.append({"architecture": architecture, "run": name,
+                     **quality(sae, eval_activations, lm, tokens, profile)})
     return pd.DataFrame(rows).set_index("architecture")
 
 

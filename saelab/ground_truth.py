@@ -43,6 +43,12 @@ def sweep_sae(architecture: str, d_in: int, d_sae: int, knob: float) -> tuple[SA
     return sae_for(architecture, d_in, d_sae), {knob_of(architecture): float(knob)}
 
 
+def profile_knobs(profile) -> dict[str, tuple[float, ...]]:
+    """The knob values a profile sweeps (its synth_* fields), keyed as `sweep` takes them."""
+    return {"l1_coefficient": profile.synth_l1_coefficients, "l0_coefficient": profile.synth_l0_coefficients,
+            "k": profile.synth_topk_ks}
+
+
 def fit_and_score(data: SyntheticData, architecture: str, d_sae: int, knob: float, *, seed: int = 0,
                   device: str | None = None, **train_kwargs) -> dict:
     """Train one SAE on data.activations; its decoder rows against data.features, plus L0 and FVU."""
