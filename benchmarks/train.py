@@ -1,16 +1,24 @@
-"""Training throughput: saelab's `train_sae` vs SAELens' `SAETrainer`, side by side, same shapes.
+"""Training throughput side by side: saelab, the seed article's plain loop and SAELens, same data and shapes.
 
-    .venv/bin/python benchmarks/train.py                      # 768 -> 6144, batch 512, CPU
-    .venv/bin/python benchmarks/train.py --device cuda --peak-tflops 494.7   # H100 SXM dense TF32
+    .venv/bin/python benchmarks/train.py                          # CPU: 768 -> 6144, batch 512, 5 rounds
+    python benchmarks/train.py --device cuda --rows 2540000       # a GPU, on the seed's 2.54M rows
+    python benchmarks/train.py --smoke                            # seconds: checks the script runs (make test)
 
-Both train on the same random activations (seeded), with the same thread count, from their
-public entry points: saelab `train_sae` (tied SAE, the seed's recipe, one epoch of `--steps`
-batches plus one validation batch) and SAELens `SAETrainer.fit` (StandardTrainingSAE, its
-defaults, λ scaled to the same objective, fed by an iterator of tensors). Each measurement runs
-in a fresh subprocess after a warm-up call, so peak RSS is per trainer; 100 steps per call
-amortise each call's setup (split, validation pass) as a real run of thousands of steps does; rounds alternate the two
-trainers, and medians are reported, because the CPU may be shared with other work: the ratio within
-each round (two runs back to back) is the least sensitive to load that changes over minutes.
+Trainers (each measured in a fresh process, so each peak memory is its own):
+  saelab        `train_sae` on the seed's tied SAE, float32 (TF32 matmuls on CUDA), its step a CUDA graph on CUDA
+  saelab-bf16   the same with dtype="bfloat16" (autocast; weights and Adam float32)
+  saelab-eager  CUDA only: cuda_graph=False, to show what the graph buys
+  saelab-host   CUDA only: the activations left in host memory, streamed through pinned chunks
+  seed          the seed article's loop: nn.Linear encoder, x_hat = F.linear(h, W.t(), b_dec), autograd,
+                torch.optim.Adam, loss mse + 1e-3 E||h||_1, batches gathered on the device
+  saelens       SAELens' SAETrainer.fit on a StandardTrainingSAE (its defaults, λ scaled to the same
+                objective), fed the same data as an iterator of device tensors
+Every trainer runs with TF32 matmuls allowed on CUDA (the precision saelab trains in), after a warm-up.
+tokens/s is steady state: each trainer runs `--steps` and `2 x --steps` steps, and the difference of the
+two times (per-run setup cancels) gives the time per step. The projected 100 epochs are 100 x the
+training rows (90% of --rows) / tokens/s. MFU = 12 d_in d_sae tokens/s / --peak-tflops (the card's dense
+TF32 peak; 12 d_in d_sae counts six d_in x d_sae products per token at 2 FLOPs, the step does five).
+Rounds alternate the trainers' order; medians are printed, because a shared CPU drifts over minutes.
 """
 
 from __future__ import annotations
@@ -26,112 +34,174 @@ import time
 
 import torch
 
-
-def activations(rows: int, d_in: int) -> torch.Tensor:
-    return torch.randn(rows, d_in, generator=torch.Generator().manual_seed(0))
-
-
-def time_saelab(args) -> float:
-    from saelab.sae import SAE
-    from saelab.train import train_sae
-
-    def run(steps: int) -> float:
-        data = activations((steps + 1) * args.batch, args.d_in).to(args.device)  # one batch held out
-        sae = SAE(args.d_in, args.d_sae, tied=True).to(args.device)
-        _sync(args.device)
-        start = time.perf_counter()
-        train_sae(sae, data, epochs=1, batch_size=args.batch, val_fraction=1 / (steps + 1),
-                  device=args.device, progress=False)
-        _sync(args.device)
-        return time.perf_counter() - start
-
-    run(args.warmup)
-    return run(args.steps)
+TRAINERS = ("saelab", "saelab-bf16", "saelab-eager", "saelab-host", "seed", "saelens")
+CUDA_ONLY = ("saelab-eager", "saelab-host")
 
 
-def time_saelens(args) -> float:
-    from sae_lens import StandardTrainingSAE, StandardTrainingSAEConfig
-    from sae_lens.config import LoggingConfig, SAETrainerConfig
-    from sae_lens.training.sae_trainer import SAETrainer
-
-    def run(steps: int) -> float:
-        data = activations(steps * args.batch, args.d_in).to(args.device)
-        sae = StandardTrainingSAE(StandardTrainingSAEConfig(
-            d_in=args.d_in, d_sae=args.d_sae, l1_coefficient=args.d_in * 1e-3, device=args.device))
-        cfg = SAETrainerConfig(total_training_samples=steps * args.batch, train_batch_size_samples=args.batch,
-                               lr=1e-3, lr_end=1e-3, device=args.device, logger=LoggingConfig(log_to_wandb=False))
-        trainer = SAETrainer(cfg, sae, iter(data.split(args.batch)))
-        _sync(args.device)
-        start = time.perf_counter()
-        trainer.fit()
-        _sync(args.device)
-        return time.perf_counter() - start
-
-    run(args.warmup)
-    return run(args.steps)
+def activations(args) -> torch.Tensor:
+    """Random activations, seeded, made on the device they are trained from (host for saelab-host)."""
+    device = "cpu" if args.worker == "saelab-host" else args.device
+    generator = torch.Generator(device=device).manual_seed(0)
+    return torch.randn(args.rows, args.d_in, generator=generator, device=device)
 
 
-def _sync(device: str) -> None:
+def sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
 
 
+def timed(run, steps: int, device: str) -> float:
+    sync(device)
+    start = time.perf_counter()
+    run(steps)
+    sync(device)
+    return time.perf_counter() - start
+
+
+def saelab_runner(args, data: torch.Tensor):
+    from saelab import batching
+    from saelab.sae import SAE
+    from saelab.train import train_sae
+
+    if args.worker == "saelab-host":  # as if the data were larger than the GPU: it stays in host memory
+        batching.fits_on_device = lambda *a, **k: False
+    options = {"dtype": "bfloat16"} if args.worker == "saelab-bf16" else {}
+    if args.worker == "saelab-eager":
+        options["cuda_graph"] = False
+
+    def run(steps: int) -> None:
+        sae = SAE(args.d_in, args.d_sae).to(args.device)
+        train_sae(sae, data, device=args.device, epochs=1, batch_size=args.batch, max_steps=steps, progress=False,
+                  **options)
+    return run
+
+
+def seed_runner(args, data: torch.Tensor):
+    """The seed article's SimpleSAE and loop, as written there (batches drawn on the device)."""
+    import torch.nn.functional as F
+    from torch import nn
+
+    encoder = nn.Linear(args.d_in, args.d_sae).to(args.device)
+    decoder_bias = nn.Parameter(torch.zeros(args.d_in, device=args.device))
+    optimizer = torch.optim.Adam([*encoder.parameters(), decoder_bias], lr=1e-3)
+
+    def run(steps: int) -> None:
+        order = torch.randperm(data.shape[0], device=data.device)
+        for i in range(steps):
+            x = data[order[i * args.batch:(i + 1) * args.batch]]
+            h = F.relu(encoder(x))
+            x_recon = F.linear(h, encoder.weight.t(), decoder_bias)
+            loss = F.mse_loss(x_recon, x) + 1e-3 * h.abs().sum(dim=-1).mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    return run
+
+
+def saelens_runner(args, data: torch.Tensor):
+    from sae_lens import StandardTrainingSAE, StandardTrainingSAEConfig
+    from sae_lens.config import LoggingConfig, SAETrainerConfig
+    from sae_lens.training.sae_trainer import SAETrainer
+
+    def run(steps: int) -> None:
+        sae = StandardTrainingSAE(StandardTrainingSAEConfig(
+            d_in=args.d_in, d_sae=args.d_sae, l1_coefficient=args.d_in * 1e-3, device=args.device))
+        cfg = SAETrainerConfig(total_training_samples=steps * args.batch, train_batch_size_samples=args.batch,
+                               lr=1e-3, lr_end=1e-3, device=args.device, logger=LoggingConfig(log_to_wandb=False))
+        SAETrainer(cfg, sae, iter(data[:steps * args.batch].split(args.batch))).fit()
+    return run
+
+
 def worker(args) -> None:
     torch.set_num_threads(args.threads)
-    seconds = {"saelab": time_saelab, "saelens": time_saelens}[args.worker](args)
-    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-    print(json.dumps({"tokens_per_s": args.steps * args.batch / seconds, "peak_rss_mib": peak_mib}))
+    torch.backends.cuda.matmul.allow_tf32 = True
+    data = activations(args)
+    make = {"seed": seed_runner, "saelens": saelens_runner}.get(args.worker, saelab_runner)
+    run = make(args, data)
+    run(args.warmup)
+    if args.device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    short, long = timed(run, args.steps, args.device), timed(run, 2 * args.steps, args.device)
+    per_step = max(long - short, 1e-9) / args.steps
+    peak = (torch.cuda.max_memory_allocated() / 2**20 if args.device.startswith("cuda")
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # Linux: KiB
+    print(json.dumps({"tokens_per_s": args.batch / per_step, "peak_mib": peak}))
 
 
-def cpu_name() -> str:
+def machine(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name()
     try:
         for line in open("/proc/cpuinfo"):
             if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+                return f"{line.split(':', 1)[1].strip()}, {torch.get_num_threads()} threads"
     except OSError:
         pass
     return platform.processor() or "unknown CPU"
 
 
-def main(args) -> None:
-    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else cpu_name()
-    print(f"SAE {args.d_in}->{args.d_sae}, batch {args.batch}, {args.steps} timed steps after {args.warmup} "
-          f"warm-up, {args.rounds} rounds; torch {torch.__version__}, {args.threads} threads, {device}")
-    results: dict[str, list[dict]] = {"saelab": [], "saelens": []}
+def main(args) -> dict:
+    trainers = [t for t in args.trainers.split(",") if args.device.startswith("cuda") or t not in CUDA_ONLY]
+    unknown = set(trainers) - set(TRAINERS)
+    if unknown:
+        sys.exit(f"unknown trainer(s) {sorted(unknown)}; choose from {TRAINERS}")
+    print(f"SAE {args.d_in}->{args.d_sae}, batch {args.batch}, {args.rows:,} rows; {args.steps} and {2 * args.steps} "
+          f"timed steps after {args.warmup} warm-up, {args.rounds} round(s); torch {torch.__version__}, "
+          f"{machine(args.device)}", flush=True)
+    runs: dict[str, list[dict]] = {t: [] for t in trainers}
     for round_ in range(args.rounds):
-        order = ["saelab", "saelens"] if round_ % 2 == 0 else ["saelens", "saelab"]
-        for name in order:
+        for name in trainers if round_ % 2 == 0 else trainers[::-1]:
             cmd = [sys.executable, __file__, "--worker", name, *sys.argv[1:]]
             out = subprocess.run(cmd, capture_output=True, text=True)
             if out.returncode != 0:
                 sys.exit(f"{name} worker failed:\n{out.stderr[-3000:]}")
-            results[name].append(json.loads(out.stdout.strip().splitlines()[-1]))
-            print(f"  round {round_ + 1} {name:8s} {results[name][-1]['tokens_per_s']:10,.0f} tokens/s", flush=True)
-    flops_per_token = 12 * args.d_in * args.d_sae  # the issue's convention; saelab's tied step does 10x
-    medians = {}
-    for name, runs in results.items():
-        medians[name] = statistics.median(r["tokens_per_s"] for r in runs)
-        peak = max(r["peak_rss_mib"] for r in runs)
-        mfu = (f", MFU {flops_per_token * medians[name] / (args.peak_tflops * 1e12):.1%}"
-               if args.peak_tflops else "")
-        print(f"{name:8s} median {medians[name]:10,.0f} tokens/s, peak RSS {peak:,.0f} MiB{mfu}")
-    paired = [a["tokens_per_s"] / b["tokens_per_s"] for a, b in zip(results["saelab"], results["saelens"], strict=True)]
-    print(f"ratio saelab / SAELens: {medians['saelab'] / medians['saelens']:.2f}x (ratio of medians); "
-          f"per round (back-to-back pairs): {', '.join(f'{r:.2f}' for r in paired)}; "
-          f"median {statistics.median(paired):.2f}x")
+            runs[name].append(json.loads(out.stdout.strip().splitlines()[-1]))
+            print(f"  round {round_ + 1} {name:13s} {runs[name][-1]['tokens_per_s']:12,.0f} tokens/s", flush=True)
+    train_rows = round(args.rows * 0.9)
+    memory = "peak GPU MiB" if args.device.startswith("cuda") else "peak RSS MiB"
+    print(f"\n| trainer | tokens/s | 100 epochs of {train_rows:,} rows | MFU | {memory} |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    table = {}
+    for name, results in runs.items():
+        tps = statistics.median(r["tokens_per_s"] for r in results)
+        mfu = 12 * args.d_in * args.d_sae * tps / (args.peak_tflops * 1e12) if args.peak_tflops else None
+        table[name] = {"tokens_per_s": tps, "epochs_100_s": 100 * train_rows / tps, "mfu": mfu,
+                       "peak_mib": max(r["peak_mib"] for r in results)}
+        row = table[name]
+        print(f"| {name} | {tps:,.0f} | {row['epochs_100_s']:,.0f} s | {f'{mfu:.1%}' if mfu else '-'} | "
+              f"{row['peak_mib']:,.0f} |")
+    if "saelab" in table and "saelens" in table:
+        print(f"\nsaelab / SAELens: {table['saelab']['tokens_per_s'] / table['saelens']['tokens_per_s']:.2f}x "
+              "(ratio of medians)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"machine": machine(args.device), "args": vars(args), "table": table}, f, indent=1)
+    return table
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
     parser.add_argument("--d-in", type=int, default=768)
     parser.add_argument("--d-sae", type=int, default=6144)
     parser.add_argument("--batch", type=int, default=512)
-    parser.add_argument("--steps", type=int, default=100, help="timed optimizer steps per measurement")
+    parser.add_argument("--rows", type=int, default=None, help="activation rows (default: 2x the steps' rows)")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps (and twice as many); "
+                        "default 60 on CPU, 1000 on CUDA")
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=None, help="default 5 on CPU, 1 on CUDA")
+    parser.add_argument("--trainers", default=",".join(TRAINERS))
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--peak-tflops", type=float, default=0.0, help="card's dense TF32 peak, for MFU")
-    parser.add_argument("--worker", choices=["saelab", "saelens"], help=argparse.SUPPRESS)
+    parser.add_argument("--peak-tflops", type=float, default=0.0, help="the card's dense TF32 peak, for MFU "
+                        "(H100 SXM: 494.7)")
+    parser.add_argument("--json", help="also write the results table to this JSON file")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, one round: checks the script runs")
+    parser.add_argument("--worker", choices=TRAINERS, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    cuda = args.device.startswith("cuda")
+    if args.smoke:
+        args.d_in, args.d_sae, args.batch, args.steps, args.rounds, args.warmup = 16, 64, 32, 4, 1, 1
+    args.steps = args.steps or (1000 if cuda else 60)
+    args.rounds = args.rounds or (1 if cuda else 5)
+    args.rows = args.rows or (3 * args.steps + args.warmup + 2) * args.batch * 10 // 9 + args.batch
     worker(args) if args.worker else main(args)

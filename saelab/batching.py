@@ -9,11 +9,14 @@ batch i is `index_select` of its slice i, so every training row is seen exactly 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
 import torch
 
 CHECK_ROWS = 16_384  # rows per chunk when checking for NaN/inf (temporaries ~1.7x a chunk)
+CHUNK_ROWS = 65_536  # rows per chunk streamed from host memory to a GPU (~200 MB at d_in 768, float32)
 
 
 class Split(NamedTuple):
@@ -68,6 +71,55 @@ def fits_on_device(data: torch.Tensor, device: str | torch.device, headroom: flo
 
 
 def to_training_device(data: torch.Tensor, device: str | torch.device, dtype=torch.float32) -> torch.Tensor:
-    """Move the whole dataset to `device` once (as float32) when it fits; else keep it on the host."""
-    target = device if fits_on_device(data, device) else "cpu"
-    return data.to(device=target, dtype=dtype)
+    """Move the whole dataset to `device` once (as float32) when it fits; else leave it on the host as it
+    is (its own dtype, no copy): `device_batches` then streams it through pinned chunks."""
+    if fits_on_device(data, device):
+        return data.to(device=device, dtype=dtype)
+    return data.cpu()
+
+
+def device_batches(data: torch.Tensor, order: torch.Tensor, batch_size: int, device: torch.device, start: int = 0,
+                   chunk_rows: int | None = None, prefetch: bool | None = None) -> Iterator[torch.Tensor]:
+    """The batches data[order[i*B:(i+1)*B]] for i >= start, as float32 on `device`.
+
+    Data on the device (or a CPU run): one gather per batch. Data on the host for a GPU run (larger than
+    GPU memory; `prefetch` defaults to exactly that case): a background thread gathers the rows of the
+    next chunk (`chunk_rows`, default CHUNK_ROWS) into pinned memory while the GPU trains on the current
+    one, and each chunk is copied to the device on a side stream one chunk ahead, so neither the gather
+    nor the copy waits for the other (measured in benchmarks/train.py, trainer saelab-host).
+    """
+    order = order[start * batch_size:]
+    if not (prefetch if prefetch is not None else data.device != device and device.type == "cuda"):
+        for first in range(0, order.shape[0], batch_size):
+            yield data.index_select(0, order[first:first + batch_size].to(data.device)).to(device, torch.float32)
+        return
+    chunk_rows = max(batch_size, (chunk_rows or CHUNK_ROWS) // batch_size * batch_size)  # whole batches per chunk
+    chunks = order.cpu().split(chunk_rows)
+    cuda = device.type == "cuda"
+    copies = torch.cuda.Stream(device) if cuda else None
+
+    def gather(rows: torch.Tensor) -> torch.Tensor:
+        host = torch.empty((rows.shape[0], data.shape[1]), dtype=data.dtype, pin_memory=cuda)
+        return torch.index_select(data, 0, rows, out=host)
+
+    def to_device(host: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+        if not cuda:
+            return host.to(device, torch.float32), None
+        with torch.cuda.stream(copies):
+            chunk = host.to(device, non_blocking=True).float()
+            done = torch.cuda.Event()
+            done.record(copies)
+        return chunk, done
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        ahead = to_device(gather(chunks[0]))
+        gathering = pool.submit(gather, chunks[1]) if len(chunks) > 1 else None
+        for k in range(len(chunks)):
+            chunk, done = ahead
+            if gathering is not None:  # chunk k+1 starts copying while the device works on chunk k
+                ahead = to_device(gathering.result())
+                gathering = pool.submit(gather, chunks[k + 2]) if k + 2 < len(chunks) else None
+            if cuda:
+                torch.cuda.current_stream(device).wait_event(done)
+                chunk.record_stream(torch.cuda.current_stream(device))  # made on `copies`, read on this stream
+            yield from chunk.split(batch_size)

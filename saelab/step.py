@@ -100,18 +100,15 @@ class Stepper:
         self.stats.add(losses, x)
         return losses
 
-    def __call__(self, data: torch.Tensor, rows: torch.Tensor, full_batch: int) -> Losses:
-        """data (rows, d_in) on any device, rows (batch,) indices into it on data's device."""
-        if not self.graph or rows.shape[0] != full_batch:
+    def __call__(self, x: torch.Tensor, full_batch: int) -> Losses:
+        """One step on the batch x (batch, d_in), float32 on the device."""
+        if not self.graph or x.shape[0] != full_batch:
             self.optimizer.zero_grad(set_to_none=True)
-            self.last_x = data.index_select(0, rows).to(self.device, torch.float32, non_blocking=True)
-            return self.body(self.last_x)
+            self.last_x = x
+            return self.body(x)
         if self.captured is None:
-            self._capture(data.index_select(0, rows).to(self.device, torch.float32))
-        if data.device == self.device and data.dtype == torch.float32:
-            torch.index_select(data, 0, rows, out=self.x)  # one gather kernel into the static batch
-        else:
-            self.x.copy_(data.index_select(0, rows), non_blocking=True)
+            self._capture(x)
+        self.x.copy_(x)
         self.captured.replay()
         self.last_x = self.x
         return self.losses

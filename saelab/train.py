@@ -30,7 +30,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from saelab.batching import check_activations, epoch_order, to_training_device, train_val_split
+from saelab.batching import check_activations, device_batches, epoch_order, to_training_device, train_val_split
 from saelab.checkpoint import LATEST, load_checkpoint, restore_optimizer, save_checkpoint
 from saelab.config import GPT2, TRAINING_FIELDS, Profile
 from saelab.metrics import evaluate_sae, total_variance
@@ -135,13 +135,12 @@ class Trainer:
         try:
             while not self.finished:
                 order = epoch_order(self.train_rows, s.seed, self.epoch)
-                for first in range(self.batch * s.batch_size, len(order), s.batch_size):
+                for x in device_batches(self.data, order, s.batch_size, self.device, start=self.batch):
                     # lr and λ -> step (gradients, Adam, constraint, statistics) -> log / checkpoint / stop
                     self.stepper.set_lr(lr_at(self.step, s, total))
                     self.stepper.set_sparsity(l1_at(self.step, self.coefficient, s.l1_warm_up_steps))
-                    losses = self.stepper(self.data, order[first:first + s.batch_size], s.batch_size)
-                    self.step, self.batch = self.step + 1, self.batch + 1
-                    self.tokens += min(s.batch_size, len(order) - first)
+                    losses = self.stepper(x, s.batch_size)
+                    self.step, self.batch, self.tokens = self.step + 1, self.batch + 1, self.tokens + x.shape[0]
                     bar.update(1)
                     if self.step % s.log_every == 0:  # one host sync every log_every steps
                         self.log_step(losses, log, bar)

@@ -3,6 +3,7 @@ import torch
 
 from saelab.batching import (
     check_activations,
+    device_batches,
     epoch_order,
     to_training_device,
     train_val_split,
@@ -26,6 +27,15 @@ def test_same_seed_and_epoch_same_order_and_only_the_given_rows():
     chosen = torch.tensor([7, 3, 11, 0, 5])
     assert torch.equal(epoch_order(chosen, 3, 1), epoch_order(chosen, 3, 1))
     assert sorted(epoch_order(chosen, 3, 1).tolist()) == [0, 3, 5, 7, 11]
+
+
+@pytest.mark.parametrize("prefetch", [False, True])
+def test_device_batches_are_the_order_in_batches_from_any_start(prefetch):
+    data = rows(53).half()  # a store dtype: batches come out float32
+    order = epoch_order(torch.arange(53), seed=0, epoch=1)
+    batches = list(device_batches(data, order, 8, torch.device("cpu"), start=2, chunk_rows=16, prefetch=prefetch))
+    assert [b.shape[0] for b in batches] == [8, 8, 8, 8, 5] and batches[0].dtype == torch.float32
+    assert torch.cat([b[:, 0] for b in batches]).tolist() == order[16:].float().tolist()
 
 
 def test_split_is_disjoint_complete_sized_and_seeded_row_indices():
