@@ -127,7 +127,8 @@ class Stepper:
         torch.cuda.current_stream(self.device).wait_stream(side)
         self.optimizer.zero_grad(set_to_none=True)
         self.captured = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.captured):
+        # thread_local: the host-data prefetch thread may allocate pinned memory while this thread captures
+        with torch.cuda.graph(self.captured, capture_error_mode="thread_local"):
             self.losses = self.body(self.x)
         self._restore(saved)
 
