@@ -41,6 +41,17 @@ def check_activations(activations: torch.Tensor) -> None:
                          "(e.g. activations[torch.isfinite(activations).all(dim=1)])")
 
 
+def as_activations(activations, d_in: int) -> torch.Tensor:
+    """A (rows, d_in) floating tensor from a tensor or a numpy array, checked for what ruins training."""
+    if not isinstance(activations, torch.Tensor) and hasattr(activations, "__array__"):
+        activations = torch.as_tensor(activations)
+    check_activations(activations)
+    if activations.shape[1] != d_in:
+        raise ValueError(f"activations have d_in={activations.shape[1]} but the SAE expects {d_in}; "
+                         "build the SAE with d_in=activations.shape[1]")
+    return activations
+
+
 def train_val_split(n_rows: int, val_fraction: float, seed: int = 0) -> Split:
     """A seeded random split of row indices 0..n_rows-1; at least one row lands on each side.
     Index the activations with them (`index_select`, `epoch_order`): no copy."""

@@ -71,6 +71,16 @@ def save_checkpoint(directory: str | os.PathLike, sae: SAE, optimizer: torch.opt
     return directory / name
 
 
+def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
+    """Deletes old checkpoints only when asked to (overwrite=True); refuses to ignore them silently."""
+    checkpoints = run_dir / "checkpoints"
+    if overwrite:
+        shutil.rmtree(checkpoints, ignore_errors=True)
+    elif not resume and (checkpoints / LATEST).is_file():
+        raise ValueError(f"{run_dir} already holds a checkpointed run: continue it with resume=True, "
+                         "start over with overwrite=True (deletes its checkpoints), or pick another run_dir")
+
+
 def load_checkpoint(directory: str | os.PathLike, device: str | torch.device = "cpu") -> Checkpoint | None:
     """The latest checkpoint in `directory`, or None when there is none."""
     directory = Path(directory)

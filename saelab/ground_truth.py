@@ -20,10 +20,11 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from saelab.metrics import evaluate
 from saelab.paths import replace_atomically
 from saelab.sae import REGISTRY, SAE, architecture_names, sae_for
 from saelab.synthetic import SyntheticData, recovery_scores
-from saelab.train import evaluate, train_sae
+from saelab.train import train_sae
 
 KNOB_LABELS = {"l1_coefficient": "λ", "l0_coefficient": "λ0", "k": "k"}
 

@@ -130,6 +130,16 @@ def ce_loss_recovered(lm, sae, tokens: torch.Tensor, hook: str, batch_size: int 
     return out
 
 
+def evaluate(sae, data: torch.Tensor, coefficient: float = 0.0, batch_size: int = 4096,
+             rows: torch.Tensor | None = None) -> dict[str, float]:
+    """Validation metrics (`metrics.evaluate_sae` over `rows` of `data`) and the objective on them:
+    loss = mse + coefficient · the architecture's penalty (l1 or l0; topk: mse, its AuxK needs the dead set)."""
+    m = evaluate_sae(sae, data, batch_size, rows)
+    penalty = {"l1_coefficient": m["l1"], "l0_coefficient": m["l0"]}.get(sae.sparsity_setting, 0.0)
+    return {"mse": m["mse"], "l1": m["l1"], "l0": m["l0"], "loss": m["mse"] + coefficient * penalty,
+            "fraction_active": m["fraction_active"], "fvu": m["fvu"]}
+
+
 @torch.no_grad()
 def total_variance(data: torch.Tensor, rows: torch.Tensor, chunk: int = 8_192) -> float:
     """sum over `rows` of data of ||x - mean||^2, in float64, chunk by chunk (no copy of the rows)."""

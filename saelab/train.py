@@ -19,10 +19,8 @@ from __future__ import annotations
 
 import difflib
 import math
-import shutil
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+import warnings
 from pathlib import Path
 from typing import NamedTuple
 
@@ -30,12 +28,12 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from saelab.batching import check_activations, device_batches, epoch_order, to_training_device, train_val_split
-from saelab.checkpoint import LATEST, load_checkpoint, restore_optimizer, save_checkpoint
+from saelab.batching import as_activations, device_batches, epoch_order, to_training_device, train_val_split
+from saelab.checkpoint import load_checkpoint, prepare_run_dir, restore_optimizer, save_checkpoint
 from saelab.config import GPT2, TRAINING_FIELDS, Profile
-from saelab.metrics import evaluate_sae, total_variance
+from saelab.metrics import evaluate, total_variance
 from saelab.sae import REGISTRY, SAE, sae_for
-from saelab.step import RunningStats, Stepper, make_adam
+from saelab.step import RunningStats, Stepper, make_adam, tf32_matmuls
 from saelab.tracking import RunLog
 
 RESUMABLE_CHANGES = ("epochs", "checkpoint_every", "checkpoint_minutes", "log_every", "cuda_graph")
@@ -82,29 +80,6 @@ def training_settings(sae: SAE, options: dict) -> Profile:
         raise ValueError(f"{wrong} do not apply to a {sae.architecture} SAE; its sparsity is set by "
                          f"{sae.sparsity_setting or 'its k (no coefficient)'}")
     return GPT2.replace(**options)
-
-
-def as_activations(activations, d_in: int) -> torch.Tensor:
-    """A (rows, d_in) floating tensor from a tensor or a numpy array, checked for what ruins training."""
-    if not isinstance(activations, torch.Tensor) and hasattr(activations, "__array__"):
-        activations = torch.as_tensor(activations)
-    check_activations(activations)
-    if activations.shape[1] != d_in:
-        raise ValueError(f"activations have d_in={activations.shape[1]} but the SAE expects {d_in}; "
-                         "build the SAE with d_in=activations.shape[1]")
-    return activations
-
-
-@contextmanager
-def tf32_matmuls(enabled: bool) -> Iterator[None]:
-    """TF32 float32 matmuls on CUDA while the block runs (`enabled`), then the caller's setting again:
-    the flag is process-wide, and an LM forward after training must not silently run in TF32."""
-    previous = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = previous or enabled
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = previous
 
 
 class Trainer:
@@ -155,6 +130,12 @@ class Trainer:
         except KeyboardInterrupt:
             self.checkpoint(log)  # what was trained is kept: rerun to continue
             raise
+        except torch.cuda.OutOfMemoryError as err:  # the checkpoints already written stay
+            kept = f"the last checkpoint is in {self.run_dir / 'checkpoints'}" if self.run_dir else "no run_dir"
+            raise MemoryError(
+                f"out of GPU memory at step {self.step} (SAE {self.sae.d_in}->{self.sae.d_sae}, batch_size "
+                f"{s.batch_size}, dtype {s.dtype}): lower batch_size or expansion_factor, or use dtype='bfloat16'; "
+                f"{kept}") from err
         finally:
             bar.close()
 
@@ -237,26 +218,6 @@ class Trainer:
         return True
 
 
-def evaluate(sae: SAE, data: torch.Tensor, coefficient: float = 0.0, batch_size: int = 4096,
-             rows: torch.Tensor | None = None) -> dict[str, float]:
-    """Validation metrics (`metrics.evaluate_sae` over `rows` of `data`) and the objective on them:
-    loss = mse + coefficient · the architecture's penalty (l1 or l0; topk: mse, its AuxK needs the dead set)."""
-    m = evaluate_sae(sae, data, batch_size, rows)
-    penalty = {"l1_coefficient": m["l1"], "l0_coefficient": m["l0"]}.get(sae.sparsity_setting, 0.0)
-    return {"mse": m["mse"], "l1": m["l1"], "l0": m["l0"], "loss": m["mse"] + coefficient * penalty,
-            "fraction_active": m["fraction_active"], "fvu": m["fvu"]}
-
-
-def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
-    """Deletes old checkpoints only when asked to (overwrite=True); refuses to ignore them silently."""
-    checkpoints = run_dir / "checkpoints"
-    if overwrite:
-        shutil.rmtree(checkpoints, ignore_errors=True)
-    elif not resume and (checkpoints / LATEST).is_file():
-        raise ValueError(f"{run_dir} already holds a checkpointed run: continue it with resume=True, "
-                         "start over with overwrite=True (deletes its checkpoints), or pick another run_dir")
-
-
 def train_sae(sae: SAE, activations, *, device: str | torch.device | None = None, progress: bool = True,
               run_dir: str | Path | None = None, resume: bool = True, overwrite: bool = False,
               max_steps: int | None = None, run_name: str | None = None, run_config: dict | None = None,
@@ -279,6 +240,9 @@ def train_sae(sae: SAE, activations, *, device: str | torch.device | None = None
         prepare_run_dir(run_dir, resume, overwrite)
     split = train_val_split(activations.shape[0], s.val_fraction, s.seed)  # row indices: no copy
     data = to_training_device(activations, device)  # no copy on CPU when already float32
+    if data.device != device:
+        warnings.warn(f"the activations ({activations.numel() * 4 / 2**30:.1f} GiB as float32) do not fit in "
+                      f"{device} memory: they stay in host memory and stream to the GPU in chunks", stacklevel=2)
     sae.to(device)
     fingerprint = {"rows": activations.shape[0], "d_in": activations.shape[1], "architecture": sae.architecture,
                    "options": sae.option_values(),

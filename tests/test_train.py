@@ -6,10 +6,11 @@ import torch
 from saelab import paths
 from saelab.checkpoint import load_checkpoint
 from saelab.config import GPT2, load_profile
+from saelab.metrics import evaluate
 from saelab.sae import ARCHITECTURES, SAE, sae_for
 from saelab.step import RunningStats, Stepper, make_adam
 from saelab.tracking import RunLog
-from saelab.train import Trainer, evaluate, l1_at, lr_at, sae_for_profile, train_profile, train_sae
+from saelab.train import Trainer, l1_at, lr_at, sae_for_profile, train_profile, train_sae
 
 OPTIONS = {"topk": {"k": 2}, "batchtopk": {"k": 2}}
 
@@ -367,3 +368,13 @@ def test_bfloat16_training_keeps_float32_weights_and_learns():
     before = evaluate(sae, data)["fvu"]
     train_sae(sae, data, epochs=3, batch_size=64, progress=False, dtype="bfloat16")
     assert all(p.dtype == torch.float32 for p in sae.parameters()) and evaluate(sae, data)["fvu"] < 0.5 * before
+
+
+def test_running_out_of_gpu_memory_names_the_settings_to_lower(tmp_path, monkeypatch):
+    def out_of_memory(self, *args):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(Stepper, "__call__", out_of_memory)
+    with pytest.raises(MemoryError, match="lower batch_size or expansion_factor, or use dtype='bfloat16'"):
+        train_sae(SAE(8, 16), low_rank_data(n=300), epochs=1, batch_size=64, progress=False, run_dir=tmp_path)
+
