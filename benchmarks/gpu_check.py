@@ -43,7 +43,7 @@ def run_step(name: str, cmd: list[str], timeout_s: int, out: Path) -> dict:
         text, status = (err.stdout or b"").decode() + (err.stderr or b"").decode(), f"timed out ({timeout_s} s)"
     (out / f"{name}.log").write_text(text)
     seconds = time.perf_counter() - started
-    tail = "\n".join(text.strip().splitlines()[-25:])
+    tail = "\n".join(text.strip().splitlines()[-40:])
     print(f"{tail}\n-- {name}: {status} in {seconds:.0f} s\n", flush=True)
     return {"status": status, "seconds": seconds, "tail": tail}
 
@@ -72,6 +72,9 @@ def main(args) -> int:
     train = [python, str(HERE / "train.py"), "--device", device, "--json", str(out / "train.json")]
     train += ["--smoke"] if args.smoke else ["--rows", str(SEED_ROWS), "--peak-tflops", str(peak)]
     results["train"] = run_step("train", train, 600, out)
+    if not args.smoke:  # which kernel each GEMM of the step runs on (Hopper: sm90)
+        results["kernels"] = run_step("kernels", [python, str(HERE / "train.py"), "--device", device,
+                                                  "--profile-kernels"], 180, out)
     mae = [python, str(HERE / "mae.py"), "--device", device]
     mae += ["--smoke"] if args.smoke else ["--scale", "gpt2", "--tokens", str(SEED_MAE_TOKENS)]
     results["mae"] = run_step("mae", mae, 300, out)
@@ -95,9 +98,10 @@ def summary(results: dict, out: Path, name: str) -> None:
         if "saelab" in table and "saelens" in table:
             ratio = table["saelab"]["tokens_per_s"] / table["saelens"]["tokens_per_s"]
             lines.append(f"\nsaelab / SAELens on the same card: {ratio:.1f}x")
-    for step in ("tests", "mae", "capture"):
-        if results[step]["tail"]:
-            lines += ["", f"{step} (last lines):", "```", *results[step]["tail"].splitlines()[-8:], "```"]
+    for step in ("tests", "kernels", "mae", "capture"):
+        if step in results and results[step]["tail"]:
+            keep = 32 if step == "kernels" else 8
+            lines += ["", f"{step} (last lines):", "```", *results[step]["tail"].splitlines()[-keep:], "```"]
     text = "\n".join(lines)
     (out / "summary.md").write_text(text + "\n")
     print(text, flush=True)

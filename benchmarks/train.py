@@ -9,6 +9,7 @@ Trainers (each measured in a fresh process, so each peak memory is its own):
   saelab-bf16   the same with dtype="bfloat16" (autocast; weights and Adam float32)
   saelab-eager  CUDA only: cuda_graph=False, to show what the graph buys
   saelab-host   CUDA only: the activations left in host memory, streamed through pinned chunks
+  saelab-compile CUDA only: the eager step under torch.compile(mode="reduce-overhead") instead of saelab's graph
   seed          the seed article's loop: nn.Linear encoder, x_hat = F.linear(h, W.t(), b_dec), autograd,
                 torch.optim.Adam, loss mse + 1e-3 E||h||_1, batches gathered on the device
   saelens       SAELens' SAETrainer.fit on a StandardTrainingSAE (its defaults, λ scaled to the same
@@ -34,15 +35,26 @@ import time
 
 import torch
 
-TRAINERS = ("saelab", "saelab-bf16", "saelab-eager", "saelab-host", "seed", "saelens")
-CUDA_ONLY = ("saelab-eager", "saelab-host")
+TRAINERS = ("saelab", "saelab-bf16", "saelab-eager", "saelab-host", "saelab-compile", "seed", "saelens")
+CUDA_ONLY = ("saelab-eager", "saelab-host", "saelab-compile")
 
 
+@torch.no_grad()
 def activations(args) -> torch.Tensor:
-    """Random activations, seeded, made on the device they are trained from (host for saelab-host)."""
-    device = "cpu" if args.worker == "saelab-host" else args.device
-    generator = torch.Generator(device=device).manual_seed(0)
-    return torch.randn(args.rows, args.d_in, generator=generator, device=device)
+    """Seeded activations with known sparse structure (so FVU and L0 mean something): each row sums ~16 of
+    4,096 random unit directions with U[0, 1] weights, plus a little noise. Made on args.device in chunks;
+    moved to host memory for saelab-host."""
+    generator = torch.Generator(device=args.device).manual_seed(0)
+    features = torch.randn(4096, args.d_in, generator=generator, device=args.device)
+    features /= features.norm(dim=1, keepdim=True)
+    out = torch.empty(args.rows, args.d_in, device=args.device)
+    for first in range(0, args.rows, 8_192):
+        rows = min(8_192, args.rows - first)
+        codes = torch.rand(rows, 4096, generator=generator, device=args.device)
+        codes *= torch.rand(rows, 4096, generator=generator, device=args.device) < 16 / 4096
+        out[first:first + rows] = codes @ features + 0.05 * torch.randn(rows, args.d_in, generator=generator,
+                                                                       device=args.device)
+    return out.cpu() if args.worker == "saelab-host" else out
 
 
 def sync(device: str) -> None:
@@ -66,13 +78,22 @@ def saelab_runner(args, data: torch.Tensor):
     if args.worker == "saelab-host":  # as if the data were larger than the GPU: it stays in host memory
         batching.fits_on_device = lambda *a, **k: False
     options = {"dtype": "bfloat16"} if args.worker == "saelab-bf16" else {}
-    if args.worker == "saelab-eager":
+    if args.worker in ("saelab-eager", "saelab-compile"):
         options["cuda_graph"] = False
+    if args.worker == "saelab-compile":
+        from saelab import step
+
+        plain_init = step.Stepper.__init__
+
+        def compiled_init(self, *a, **k):
+            plain_init(self, *a, **k)
+            self.body = torch.compile(self.body, mode="reduce-overhead")
+        step.Stepper.__init__ = compiled_init
 
     def run(steps: int) -> None:
-        sae = SAE(args.d_in, args.d_sae).to(args.device)
-        train_sae(sae, data, device=args.device, epochs=1, batch_size=args.batch, max_steps=steps, progress=False,
-                  **options)
+        run.sae = SAE(args.d_in, args.d_sae).to(args.device)
+        train_sae(run.sae, data[:-args.held_out], device=args.device, epochs=1, batch_size=args.batch, max_steps=steps,
+                  progress=False, **options)
     return run
 
 
@@ -125,7 +146,42 @@ def worker(args) -> None:
     per_step = max(long - short, 1e-9) / args.steps
     peak = (torch.cuda.max_memory_allocated() / 2**20 if args.device.startswith("cuda")
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # Linux: KiB
-    print(json.dumps({"tokens_per_s": args.batch / per_step, "peak_mib": peak}))
+    result = {"tokens_per_s": args.batch / per_step, "peak_mib": peak}
+    if hasattr(run, "sae"):  # the SAE of the longer run, on rows it never saw
+        from saelab.metrics import evaluate_sae
+
+        quality = evaluate_sae(run.sae, data[-args.held_out:].to(args.device))
+        result |= {"fvu": quality["fvu"], "l0": quality["l0"]}
+    print(json.dumps(result))
+
+
+def profile_kernels(args) -> None:
+    """The kernels of 20 eager saelab steps at these shapes (float32/TF32 and bfloat16), by GPU time: every
+    GEMM should run on a Hopper (sm90) kernel on an H100."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from saelab.sae import SAE
+    from saelab.step import RunningStats, Stepper, make_adam
+
+    torch.backends.cuda.matmul.allow_tf32 = True
+    device, x = torch.device(args.device), torch.randn(args.batch, args.d_in, device=args.device)
+    for dtype in (torch.float32, torch.bfloat16):
+        sae = SAE(args.d_in, args.d_sae).to(device)
+        stepper = Stepper(sae, make_adam(sae, 1e-3, device), RunningStats(args.d_sae, device, 10**9), device, dtype)
+        stepper.set_lr(1e-3)
+        stepper.set_sparsity(1e-3)
+        for _ in range(5):
+            stepper(x, args.batch)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(20):
+                stepper(x, args.batch)
+            torch.cuda.synchronize()
+        events = sorted(prof.key_averages(), key=lambda e: -e.device_time_total)
+        print(f"\n{dtype}: kernels by GPU time over 20 steps (ms total, calls, name)")
+        for e in events[:14]:
+            gemm = any(word in e.key.lower() for word in ("gemm", "matmul", "sm80", "sm90", "cutlass"))
+            mark = (" <- GEMM, sm90" if "sm90" in e.key else " <- GEMM, NOT sm90") if gemm else ""
+            print(f"{e.device_time_total / 1e3:8.2f} {e.count:5d}  {e.key[:110]}{mark}")
 
 
 def machine(device: str) -> str:
@@ -149,33 +205,46 @@ def main(args) -> dict:
           f"timed steps after {args.warmup} warm-up, {args.rounds} round(s); torch {torch.__version__}, "
           f"{machine(args.device)}", flush=True)
     runs: dict[str, list[dict]] = {t: [] for t in trainers}
+    failed: dict[str, str] = {}
     for round_ in range(args.rounds):
         for name in trainers if round_ % 2 == 0 else trainers[::-1]:
+            if name in failed:
+                continue
             cmd = [sys.executable, __file__, "--worker", name, *sys.argv[1:]]
             out = subprocess.run(cmd, capture_output=True, text=True)
-            if out.returncode != 0:
-                sys.exit(f"{name} worker failed:\n{out.stderr[-3000:]}")
+            if out.returncode != 0:  # reported in the table; the other trainers still run
+                failed[name] = (out.stderr.strip().splitlines() or ["no output"])[-1][:150]
+                print(f"  round {round_ + 1} {name:13s} FAILED:\n{out.stderr[-2000:]}", flush=True)
+                continue
             runs[name].append(json.loads(out.stdout.strip().splitlines()[-1]))
             print(f"  round {round_ + 1} {name:13s} {runs[name][-1]['tokens_per_s']:12,.0f} tokens/s", flush=True)
     train_rows = round(args.rows * 0.9)
     memory = "peak GPU MiB" if args.device.startswith("cuda") else "peak RSS MiB"
-    print(f"\n| trainer | tokens/s | 100 epochs of {train_rows:,} rows | MFU | {memory} |")
-    print("| --- | ---: | ---: | ---: | ---: |")
+    print(f"\n| trainer | tokens/s | 100 epochs of {train_rows:,} rows | MFU | {memory} | FVU | L0 |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     table = {}
     for name, results in runs.items():
+        if not results:
+            print(f"| {name} | failed: {failed[name]} | | | | | |")
+            continue
         tps = statistics.median(r["tokens_per_s"] for r in results)
         mfu = 12 * args.d_in * args.d_sae * tps / (args.peak_tflops * 1e12) if args.peak_tflops else None
         table[name] = {"tokens_per_s": tps, "epochs_100_s": 100 * train_rows / tps, "mfu": mfu,
-                       "peak_mib": max(r["peak_mib"] for r in results)}
+                       "peak_mib": max(r["peak_mib"] for r in results), "fvu": results[-1].get("fvu"),
+                       "l0": results[-1].get("l0")}
         row = table[name]
+        quality = (f"{row['fvu']:.3f} | {row['l0']:.1f}" if row["fvu"] is not None else "- | -")
         print(f"| {name} | {tps:,.0f} | {row['epochs_100_s']:,.0f} s | {f'{mfu:.1%}' if mfu else '-'} | "
-              f"{row['peak_mib']:,.0f} |")
+              f"{row['peak_mib']:,.0f} | {quality} |")
     if "saelab" in table and "saelens" in table:
         print(f"\nsaelab / SAELens: {table['saelab']['tokens_per_s'] / table['saelens']['tokens_per_s']:.2f}x "
               "(ratio of medians)")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"machine": machine(args.device), "args": vars(args), "table": table}, f, indent=1)
+            json.dump({"machine": machine(args.device), "args": vars(args), "table": table, "failed": failed},
+                      f, indent=1)
+    if failed:
+        sys.exit(f"failed: {sorted(failed)}")
     return table
 
 
@@ -196,12 +265,17 @@ if __name__ == "__main__":
                         "(H100 SXM: 494.7)")
     parser.add_argument("--json", help="also write the results table to this JSON file")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, one round: checks the script runs")
+    parser.add_argument("--profile-kernels", action="store_true", help="CUDA: list the step's kernels instead")
     parser.add_argument("--worker", choices=TRAINERS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     cuda = args.device.startswith("cuda")
     if args.smoke:
         args.d_in, args.d_sae, args.batch, args.steps, args.rounds, args.warmup = 16, 64, 32, 4, 1, 1
+    args.held_out = 256 if args.smoke else 16_384  # final rows, never trained on: FVU and L0 are measured there
     args.steps = args.steps or (1000 if cuda else 60)
     args.rounds = args.rounds or (1 if cuda else 5)
-    args.rows = args.rows or (3 * args.steps + args.warmup + 2) * args.batch * 10 // 9 + args.batch
-    worker(args) if args.worker else main(args)
+    args.rows = args.rows or (3 * args.steps + args.warmup + 2) * args.batch * 10 // 9 + args.held_out
+    if args.profile_kernels:
+        profile_kernels(args)
+    else:
+        worker(args) if args.worker else main(args)
