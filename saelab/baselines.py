@@ -178,7 +178,7 @@ def trained_saes(profile, store: ActivationStore, device="cpu") -> tuple[list[SA
     found, skipped = [], {}
     for folder in folders:
         try:
-            sae = SAE.load(folder)
+            sae = SAE.load(folder, device=device)
         except (FileNotFoundError, ValueError) as err:
             if folder == main:
                 raise FileNotFoundError(f"no SAE at {main} ({err}); run notebook 03 first") from err
