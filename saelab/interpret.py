@@ -73,11 +73,12 @@ def train_separation(methods, store: ActivationStore, labels: torch.Tensor, devi
     for x, y, _ in _chunks(store, labels, device, chunk_rows, "probe: train", progress):
         for m in methods:
             a = m.encode(x)  # (rows, D)
+            a2 = a.square()
             s1, q1, s, q = sums[m.name]
-            s1 += (y.T @ a).to(acc)
-            q1 += (y.T @ a.square()).to(acc)
+            s1 += (y.T @ a).to(acc)  # (C, D) sums over each concept's positives
+            q1 += (y.T @ a2).to(acc)
             s += a.sum(0).to(acc)
-            q += a.square().sum(0).to(acc)
+            q += a2.sum(0).to(acc)
     n1 = labels.sum(0).to(device, acc)
     return {name: separation(s1, q1, n1, s, q, store.n_rows).cpu() for name, (s1, q1, s, q) in sums.items()}
 
@@ -122,6 +123,10 @@ def compare(methods, stores: dict[str, ActivationStore], labels: dict[str, torch
             progress: bool = True) -> Comparison:
     """Both scores for every method: directions chosen on stores["train"], scored on stores["mae"].
     labels: split -> (rows, C) bool, from `concepts.store_labels`."""
+    train, held_out = stores["train"], stores["mae"]
+    if (train.hook, train.d_in) != (held_out.hook, held_out.d_in):
+        raise ValueError(f"the train store holds {train.hook} (d_in={train.d_in}) but the mae store holds "
+                         f"{held_out.hook} (d_in={held_out.d_in}); capture both splits at one hook (notebook 02)")
     table = concept_table(labels)
     chunk = profile.interp_chunk_rows
     methods = [m.to(device) for m in methods]

@@ -183,3 +183,10 @@ def test_describe_says_who_wins_whichever_way_the_numbers_fall(sae_auc, sae_entr
     assert expected in text and "profile planted" in text
     assert f"Highest mean AUC: {'SAE x' if sae_auc[0] == 0.9 else 'PCA'}" in text
     assert ("better than it" in text) == (sae_auc[0] == 0.9)
+
+
+def test_train_and_held_out_stores_of_different_widths_are_an_error(tmp_path):
+    stores = {"train": write_store(tmp_path / "train", torch.randn(10, 3)),
+              "mae": write_store(tmp_path / "mae", torch.randn(10, 2))}
+    with pytest.raises(ValueError, match="d_in=3.*d_in=2.*one hook"):
+        compare([basis(3)], stores, {"train": random_labels(10), "mae": random_labels(10)}, PROFILE, progress=False)
