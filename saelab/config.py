@@ -124,6 +124,19 @@ class Profile:
     synth_epochs: int = 20  # passes over the synthetic activations per SAE
     synth_lr: float = 3e-3  # Adam lr for the sweep (higher than the seed's 1e-3: short runs)
 
+    # --- interpretability against baselines (notebook 06, saelab.baselines and saelab.interpret). Not in
+    # the seed: Cunningham et al. 2023 (§3) compare SAE features with the residual basis, random directions,
+    # PCA and ICA on the same activations. Here the scores need no LM judge: 1-sparse probing of token
+    # concepts (directions chosen on the train store, AUC on the mae store) and token concentration.
+    interp_random_directions: int = 0  # random unit directions; 0 = d_sae (as many candidates as the SAE has)
+    interp_ica_components: int = 0  # FastICA components; 0 = d_in (a full unmixing, as PCA's d_in components)
+    interp_ica_fit_rows: int = 100_000  # training rows FastICA fits on, a seeded sample (gpt2: ~4% of 2.5M rows)
+    interp_ica_max_iter: int = 200  # FastICA iterations at most (scikit-learn's default); unconverged is reported
+    interp_top_examples: int = 20  # top held-out examples per direction whose token ids give its entropy
+    interp_top_directions: int = 100  # directions per method scored for token concentration, most active first
+    interp_chunk_rows: int = 4_096  # activation rows encoded at once (gpt2: 4096 x 6144 x 4 B = 100 MB per SAE)
+    interp_bootstrap: int = 1_000  # bootstrap resamples behind each 95% confidence interval
+
     def __post_init__(self) -> None:
         for name in ("synth_dict_ratios", "synth_l1_coefficients", "synth_topk_ks", "synth_l0_coefficients"):
             object.__setattr__(self, name, tuple(getattr(self, name)))  # JSON gives lists; keep tuples
@@ -146,7 +159,7 @@ class Profile:
                      for f in positive if not (isinstance(getattr(self, f), int) and getattr(self, f) > 0)]
         if not (isinstance(self.torch_threads, int) and self.torch_threads >= 0):
             problems.append(f"torch_threads={self.torch_threads}: 0 (torch's default) or a positive thread count")
-        problems += self._training_problems() + self._synthetic_problems()
+        problems += self._training_problems() + self._synthetic_problems() + self._interpretability_problems()
         if self.context_size < 2 and self.exclude_first_position:
             problems.append("context_size must be >= 2 when exclude_first_position is set")
         if self.is_offline and not problems and self.offline_n_layers <= self.layer:
@@ -198,6 +211,19 @@ class Profile:
         if not (self.synth_mean_active > 0 and self.synth_lr > 0):
             problems.append("synth_mean_active and synth_lr must be > 0")
         return problems
+
+    def _interpretability_problems(self) -> list[str]:
+        """Notebook 06's counts: field -> (smallest value, what the value means)."""
+        rules = {"interp_random_directions": (0, "random directions, 0 = d_sae"),
+                 "interp_ica_components": (0, "ICA components, 0 = d_in"),
+                 "interp_ica_fit_rows": (1, "rows FastICA fits on"), "interp_ica_max_iter": (1, "FastICA iterations"),
+                 "interp_top_examples": (2, "examples per direction; an entropy needs at least 2"),
+                 "interp_top_directions": (1, "directions per method"), "interp_chunk_rows": (1, "rows per chunk"),
+                 "interp_bootstrap": (1, "bootstrap resamples")}
+        return [f"{name}={getattr(self, name)!r}: an integer >= {minimum} ({meaning})"
+                for name, (minimum, meaning) in rules.items()
+                if not (isinstance(getattr(self, name), int) and not isinstance(getattr(self, name), bool)
+                        and getattr(self, name) >= minimum)]
 
     @property
     def d_sae(self) -> int:
@@ -276,6 +302,8 @@ OFFLINE = dataclasses.replace(
     synth_d=32, synth_features=64, synth_mean_active=3.0, synth_samples=8_192, synth_epochs=40,
     synth_lr=1e-2, synth_l1_coefficients=(1e-3, 3e-3, 1e-2, 3e-2), synth_topk_ks=(2, 4, 8),
     synth_l0_coefficients=(1e-4, 3e-4, 1e-3, 3e-3),
+    # notebook 06 in seconds: FastICA on 10k of the ~25k training rows; 50 of the 128 ± residual dimensions
+    interp_ica_fit_rows=10_000, interp_top_directions=50,
 )
 
 PROFILES: dict[str, Profile] = {p.name: p for p in (GPT2, QUICK, OFFLINE)}

@@ -252,3 +252,42 @@ def highlight_tokens(tokens: list[str], activations: list[float | None], scale: 
         spans.append(f"<span style='background:rgba(255,127,14,{alpha:.2f});{border}' "
                      f"title='{act:.4g}'>{text}</span>")
     return "<span style='white-space:pre-wrap;font-family:monospace'>" + "".join(spans) + "</span>"
+
+
+def interpretability_comparison(summary: pd.DataFrame, probing: pd.DataFrame, profile: Profile,
+                                device: str | None = None, *, top_examples: int | None = None) -> go.Figure:
+    """Notebook 06: methods side by side. Left, mean held-out ROC AUC of the best single direction per
+    concept (dots: the concepts); right, mean token entropy of the top examples of the most active
+    directions. Bars carry 95% bootstrap intervals; SAEs in blue, baselines in grey.
+
+    summary: indexed by method, columns kind, auc, auc_low, auc_high, concepts, entropy, entropy_low,
+    entropy_high, directions (as `interpret.summarise`); probing: columns method, concept, auc.
+    """
+    methods = summary.index.tolist()
+    colours = ["#4C78A8" if kind == "SAE" else "#9D9D9D" for kind in summary["kind"]]
+    examples = f"top {top_examples} examples" if top_examples else "top examples"
+    fig = make_subplots(rows=1, cols=2, horizontal_spacing=0.12, subplot_titles=[
+        f"1-sparse probing: held-out ROC AUC<br>mean of {int(summary['concepts'].max())} concepts, 95% CI",
+        f"token entropy of each direction's {examples}<br>mean of the {int(summary['directions'].max())} "
+        "most active directions, 95% CI"])
+    for col, score in enumerate(("auc", "entropy"), start=1):
+        fig.add_trace(go.Bar(
+            x=methods, y=summary[score], marker_color=colours, opacity=0.8, showlegend=False,
+            error_y={"type": "data", "symmetric": False, "array": summary[f"{score}_high"] - summary[score],
+                     "arrayminus": summary[score] - summary[f"{score}_low"]},
+            hovertemplate="%{x}: %{y:.3f}<extra></extra>"), row=1, col=col)
+    fig.add_trace(go.Scatter(x=probing["method"], y=probing["auc"], mode="markers", text=probing["concept"],
+                             marker={"color": "#F58518", "size": 7, "line": {"width": 1, "color": "white"}},
+                             name="one concept", hovertemplate="%{text}: %{y:.3f}<extra></extra>"), row=1, col=1)
+    fig.add_hline(y=0.5, line_dash="dot", annotation_text="chance", annotation_position="bottom right", row=1, col=1)
+    if top_examples:
+        fig.add_hline(y=math.log2(top_examples), line_dash="dot", row=1, col=2,
+                      annotation_text=f"all {top_examples} tokens different", annotation_position="bottom right")
+    lowest = min([0.4, *probing["auc"], *summary["auc_low"].dropna()])  # a probe can fall below chance on held-out text
+    fig.update_yaxes(title_text="ROC AUC (higher = better probe)", range=[lowest - 0.02, 1.02], row=1, col=1)
+    fig.update_yaxes(title_text="bits (lower = more token-specific)", rangemode="tozero", row=1, col=2)
+    fig.update_annotations(font_size=13)
+    fig.update_layout(title=figure_title("SAE features against other directions, scored without an LM judge",
+                                         profile, device),
+                      width=1100, height=540, margin={"t": 130}, legend={"orientation": "h", "y": -0.25})
+    return fig

@@ -64,6 +64,9 @@ def test_overrides_replace_single_fields():
     ("ce_eval_contexts", 0, "ce_eval_contexts=0: must be an integer >= 1"),
     ("aux_k", -4, "aux_k=-4: must be an integer >= 0"),
     ("l1_warm_up_steps", 10.5, "l1_warm_up_steps=10.5: must be an integer >= 0"),
+    ("interp_random_directions", -1, r"interp_random_directions=-1: an integer >= 0 \(random directions, 0 = d_sae\)"),
+    ("interp_top_examples", 1, "interp_top_examples=1: an integer >= 2 .*an entropy needs at least 2"),
+    ("interp_chunk_rows", 0, "interp_chunk_rows=0: an integer >= 1"),
 ])
 def test_invalid_values_say_what_to_change(field, value, message):
     with pytest.raises(ValueError, match=message):

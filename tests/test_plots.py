@@ -124,3 +124,18 @@ def test_sweep_figure_has_mmcs_and_l0_per_architecture_and_size_and_names_synthe
     title = fig.layout.title.text
     assert f"{offline.synth_features} synthetic features" in title and "profile offline" in title
     assert "synthetic data" in title and "random-weight" not in title  # no model made this data
+
+
+def test_interpretability_comparison_shows_each_method_with_its_interval():
+    summary = pd.DataFrame({"kind": ["baseline", "SAE"], "auc": [0.6, 0.8], "auc_low": [0.5, 0.7],
+                            "auc_high": [0.7, 0.9], "concepts": [2, 2], "entropy": [3.0, 1.0],
+                            "entropy_low": [2.5, 0.5], "entropy_high": [3.5, 1.5], "directions": [4, 4]},
+                           index=pd.Index(["PCA", "SAE tied_l1"], name="method"))
+    probing = pd.DataFrame({"method": ["PCA", "PCA", "SAE tied_l1", "SAE tied_l1"],
+                            "concept": ["digit", "newline"] * 2, "auc": [0.35, 0.85, 0.7, 0.9]})
+    fig = plots.interpretability_comparison(summary, probing, load_profile("offline"), "cpu", top_examples=8)
+    auc, entropy, dots = fig.data
+    assert list(auc.x) == ["PCA", "SAE tied_l1"] and list(entropy.y) == [3.0, 1.0]
+    assert list(auc.error_y.arrayminus) == pytest.approx([0.1, 0.1]) and list(dots.text) == list(probing["concept"])
+    assert fig.layout.yaxis.range[0] < 0.35  # a concept below chance stays on the chart
+    assert "offline" in fig.layout.title.text and "cpu" in fig.layout.title.text
