@@ -41,6 +41,11 @@ _PUBLIC = {
 __all__ = [*_PUBLIC, "paths"]
 
 
+def __dir__() -> list[str]:
+    """The public names, for tab completion and `dir(saelab)`; resolving them stays lazy."""
+    return sorted({*__all__, "__version__"})
+
+
 def __getattr__(name: str):
     if name in _PUBLIC:
         return getattr(import_module(_PUBLIC[name]), name)

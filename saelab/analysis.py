@@ -52,7 +52,9 @@ def _unkey(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def feature_stats(totals: torch.Tensor, counts: torch.Tensor, max_values: torch.Tensor,
                   n_tokens: int) -> pd.DataFrame:
-    """Per-feature table: total activation, firing frequency, max, mean when active (NaN if never)."""
+    """Per-feature table from (d_sae,) sums: one row per feature (index "feature"), columns
+    total_activation, frequency (fraction of the n_tokens on which it fired, 0..1), n_active,
+    max_activation and mean_when_active (NaN for a feature that never fired)."""
     frame = pd.DataFrame({
         "total_activation": totals.double().cpu().numpy(),
         "frequency": (counts.double() / max(n_tokens, 1)).cpu().numpy(),
@@ -87,12 +89,26 @@ class _Running:
 def max_activating(sae: SAE, store: ActivationStore, k: int = 5, *, device: str | torch.device = "cpu",
                    chunk_rows: int = 4096, exclude_token_ids: set[int] | None = None,
                    progress: bool = True) -> MAEResult:
-    """One streaming pass: top-k store rows per feature and per-feature statistics.
+    """One streaming pass over `store`: the top-k store rows of every feature and per-feature statistics.
 
-    Rows whose token id is in `exclude_token_ids` (e.g. a pad id) are skipped entirely: they
-    are never examples and do not count as tokens. Packed token data has no pads, so the
-    default excludes nothing.
+    sae: encodes each chunk; it is moved to `device` and put in eval mode (in place, as
+        `nn.Module.to`). Its d_in (and hook, when its cfg names one) must match the store's.
+    k: examples kept per feature (notebook 04: profile.mae_top_k, the seed's 5); k >= 1.
+    device: where chunks are encoded (default "cpu"; pass "cuda" on a GPU). The store is read on the CPU.
+    chunk_rows: rows encoded at once; memory is O(chunk_rows x d_sae + d_sae x k).
+    exclude_token_ids: rows with these token ids (e.g. a pad id) are skipped entirely: never
+        examples, not counted as tokens. Packed token data has no pads: the default excludes nothing.
+    progress: a text progress bar over shards.
+
+    Returns an `MAEResult`: values/rows (d_sae, k) sorted by activation (ties: the smaller row
+    first; 0.0 / -1 where fewer than k rows fired), `stats` (see `feature_stats`), the store's
+    per-row index and the number of tokens scanned. Nothing is written.
     """
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"k={k!r}: the number of examples kept per feature must be an integer >= 1 "
+                         "(notebook 04 passes profile.mae_top_k; the seed keeps 5)")
+    if isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1:
+        raise ValueError(f"chunk_rows={chunk_rows!r}: rows encoded at once, an integer >= 1 (default 4096)")
     if store.d_in != sae.d_in:
         raise ValueError(f"store has d_in={store.d_in} but the SAE expects {sae.d_in}; "
                          "use the SAE trained on this hook")
@@ -130,14 +146,17 @@ def max_activating(sae: SAE, store: ActivationStore, k: int = 5, *, device: str 
 
 
 def top_features(stats: pd.DataFrame, by: str = "total_activation", n: int = 20) -> pd.DataFrame:
-    """The n features with the largest `by` (ties: smaller feature id first)."""
+    """The n rows of `stats` (as `feature_stats`) with the largest `by` column, largest first
+    (ties: smaller feature id first); a new DataFrame, `stats` is not changed. Default: the seed's
+    ranking, total activation, top 20."""
     if by not in stats.columns:
         raise ValueError(f"unknown column {by!r}; choose one of {list(stats.columns)}")
     return stats.sort_values([by, "feature"], ascending=[False, True], kind="stable").head(n)
 
 
 def unembedding(lm) -> torch.Tensor:
-    """(d_model, d_vocab) W_U as seen by the residual stream, final LayerNorm scale included.
+    """(d_model, d_vocab) W_U of a TransformerLens model `lm`, as the residual stream sees it, final
+    LayerNorm scale included; a detached tensor on lm's device (lm is not changed).
 
     TransformerLens folds ln_final.w into W_U when loaded with fold_ln=True (normalization
     "LNPre", no `ln_final.w`; it also centres W_U over d_model, which `logit_attribution` makes
@@ -151,7 +170,8 @@ def unembedding(lm) -> torch.Tensor:
 
 
 def logit_attribution(sae: SAE, unembed: torch.Tensor, feature: int, *, center: bool = True) -> torch.Tensor:
-    """(d_vocab,) direct effect on the logits of one unit of the feature: W_dec[f] @ W_U.
+    """(d_vocab,) direct effect on the logits of one unit of the feature: W_dec[f] @ W_U, on
+    unembed's device and dtype (nothing is changed in place). unembed: `unembedding(lm)`.
 
     center: LayerNorm subtracts the mean over d_model first, so the direction's mean component
     never reaches the logits (exact for LN models such as GPT-2); and softmax ignores a shift of
@@ -166,7 +186,9 @@ def logit_attribution(sae: SAE, unembed: torch.Tensor, feature: int, *, center: 
 
 
 def top_logit_tokens(logits: torch.Tensor, tokenizer, n: int = 10) -> pd.DataFrame:
-    """The n most promoted and n most suppressed tokens: columns token_id, token, logit, effect."""
+    """The n most promoted and n most suppressed tokens of a (d_vocab,) `logits` vector (as
+    `logit_attribution`): a DataFrame of 2n rows, promoted first (largest logit first), then
+    suppressed (most negative first); columns token_id, token (tokenizer.decode), logit, effect."""
     n = min(n, len(logits))
     up, down = logits.topk(n), (-logits).topk(n)
     ids = torch.cat([up.indices, down.indices]).tolist()

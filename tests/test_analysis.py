@@ -108,6 +108,11 @@ def test_bad_input_gets_a_clear_error(tmp_path):
     x[5, 1] = float("nan")
     with pytest.raises(ValueError, match="non-finite"):
         max_activating(SAE(3, 8), write_store(tmp_path / "nan", x, [8]), progress=False)
+    for k in (0, -1, 2.5):  # k=0 used to raise a bare IndexError deep inside topk
+        with pytest.raises(ValueError, match=f"k={k}: the number of examples"):
+            max_activating(SAE(3, 8), store, k=k, progress=False)
+    with pytest.raises(ValueError, match="chunk_rows=0"):
+        max_activating(SAE(3, 8), store, chunk_rows=0, progress=False)
 
 
 def test_top_features_orders_by_column_then_feature_id(tmp_path):
