@@ -11,13 +11,18 @@ value, so keys are unique and `topk` on them is exact and deterministic on any d
 
 from __future__ import annotations
 
+import json
+import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
+from tqdm import tqdm  # text bars: a saved notebook keeps their last line (tqdm.auto widgets stay at "0%")
 
-from saelab.sae import SAE
+from saelab import paths
+from saelab.config import Profile
+from saelab.sae import CFG_FILENAME, SAE, WEIGHTS_FILENAME
 from saelab.store import INDEX_FIELDS, ActivationStore
 
 _LOW = (1 << 32) - 1  # low 32 bits of a key hold (2^32 - 1 - row), so smaller rows rank higher
@@ -152,6 +157,45 @@ def top_features(stats: pd.DataFrame, by: str = "total_activation", n: int = 20)
     if by not in stats.columns:
         raise ValueError(f"unknown column {by!r}; choose one of {list(stats.columns)}")
     return stats.sort_values([by, "feature"], ascending=[False, True], kind="stable").head(n)
+
+
+def load_sae(profile: Profile, device: str | torch.device = "cpu") -> SAE:
+    """The SAE notebook 04 analyses for `profile`, loaded on `device` (default "cpu"): the
+    SAELens-format folder `profile.sae_path` when set (cfg.json + sae_weights.safetensors, e.g. a
+    public SAE that SAELens downloaded and saved with `save_model`), else notebook 03's SAE in
+    `paths.sae_dir(profile)`.
+
+    Refuses, saying what to do, an SAE that does not read this profile's hook (d_in, or cfg.json's
+    metadata.hook_name when it names one) and cfg.json settings that `SAE.load` would not apply, so
+    that features are never silently wrong. A different metadata.model_name only warns: names differ
+    by alias (SAELens' "gpt2-small" is TransformerLens' "gpt2").
+    """
+    folder = Path(profile.sae_path).expanduser() if profile.sae_path else paths.sae_dir(profile)
+    if profile.sae_path and not folder.is_dir():
+        raise FileNotFoundError(f"sae_path={profile.sae_path!r} is not a folder: give a SAELens-format SAE folder "
+                                f"({CFG_FILENAME} + {WEIGHTS_FILENAME}), e.g. one written by SAELens' save_model")
+    sae = SAE.load(folder, device=device)
+    cfg, ours = json.loads((folder / CFG_FILENAME).read_text()), sae.cfg_dict()
+    # what the folder asks for (SAELens' defaults where cfg.json is silent) against what saelab's SAE applies
+    wanted = {"apply_b_dec_to_input": cfg.get("apply_b_dec_to_input", True),
+              "normalize_activations": cfg.get("normalize_activations", "none")}
+    applied = {"apply_b_dec_to_input": ours.get("apply_b_dec_to_input", False),
+               "normalize_activations": ours.get("normalize_activations", "none")}
+    ignored = {key: value for key, value in wanted.items() if value != applied[key]}
+    if ignored:
+        raise ValueError(f"{folder}: cfg.json sets {ignored}, which this saelab's SAE.load does not apply, so the "
+                         "features would be wrong; use an SAE without them (or a saelab whose SAE supports them)")
+    if sae.d_in != profile.d_in:
+        raise ValueError(f"{folder} holds an SAE with d_in={sae.d_in}, but profile {profile.name!r} captures "
+                         f"{profile.hook!r} with d_in={profile.d_in}; use an SAE trained on that hook")
+    hook, model = sae.metadata.get("hook_name"), sae.metadata.get("model_name")
+    if hook and hook != profile.hook:
+        raise ValueError(f"{folder} holds an SAE for {hook!r}, but profile {profile.name!r} captures {profile.hook!r}; "
+                         f"use a profile with hook={hook!r} (and capture its activations in notebook 02)")
+    if model and model != profile.model_name:
+        warnings.warn(f"{folder} was trained on model {model!r}; profile {profile.name!r} runs "
+                      f"{profile.model_name!r}. Fine if these are one model under two names.", stacklevel=2)
+    return sae
 
 
 def unembedding(lm) -> torch.Tensor:

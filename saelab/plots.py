@@ -55,6 +55,8 @@ NO_PNG_HINT = "For PNGs: pip install 'kaleido>=1' and install Chrome/Chromium (a
 def _origin(profile: Profile, device: str | None, source: str | None = None) -> str:
     """source: what made the data when it is not the profile's model (notebook 05: synthetic data)."""
     origin = f"profile {profile.name}, {source or profile.model_name}, on {describe_device(device or default_device())}"
+    if profile.sae_path and source is None:  # notebook 04 on an SAE from elsewhere: say which one
+        origin += f", SAE {Path(profile.sae_path).name}"
     return f"{origin} · {OFFLINE_NOTE}" if profile.is_offline and source is None else origin
 
 

@@ -159,3 +159,61 @@ def test_logit_attribution_is_the_same_with_ln_final_folded_or_not():
         expected = logit_attribution(sae, unembedding(unfolded), f)
         assert torch.allclose(logit_attribution(sae, unembedding(folded), f), expected, atol=1e-6)
         assert not torch.allclose(logit_attribution(sae, unfolded.W_U, f), expected, atol=1e-4)  # scale matters
+
+
+def saelens_folder(path, d_in, d_sae, hook="blocks.6.hook_resid_pre", model="offline-tiny", apply_b_dec=False):
+    """An SAE folder written by SAELens itself (its own save_model), biases non-zero so they count."""
+    from sae_lens import StandardSAE, StandardSAEConfig
+    from sae_lens.saes.sae import SAEMetadata
+
+    cfg = StandardSAEConfig(d_in=d_in, d_sae=d_sae, apply_b_dec_to_input=apply_b_dec,
+                            metadata=SAEMetadata(hook_name=hook, model_name=model))
+    reference = StandardSAE(cfg)
+    with torch.no_grad():
+        reference.b_enc.copy_(torch.randn(d_sae) * 0.1)
+        reference.b_dec.copy_(torch.randn(d_in))
+    reference.save_model(path)
+    return reference
+
+
+def test_load_sae_reads_a_folder_saelens_wrote_and_encodes_as_saelens(tmp_path):
+    from saelab.analysis import load_sae
+    from saelab.config import OFFLINE
+
+    reference = saelens_folder(tmp_path / "jb", OFFLINE.d_in, 96, hook=OFFLINE.hook)
+    sae = load_sae(OFFLINE.replace(sae_path=str(tmp_path / "jb")))
+    x = torch.randn(7, OFFLINE.d_in)
+    with torch.no_grad():
+        assert torch.allclose(sae.encode(x), reference.encode(x), atol=1e-5)
+        assert torch.allclose(sae(x).x_hat, reference(x), atol=1e-5)
+    assert sae.d_sae == 96 and sae.metadata["hook_name"] == OFFLINE.hook
+
+
+def test_load_sae_defaults_to_notebook_03s_sae(tmp_path):
+    from saelab import paths
+    from saelab.analysis import load_sae
+    from saelab.config import OFFLINE
+
+    SAE(OFFLINE.d_in, 32, metadata={"hook_name": OFFLINE.hook}).save(paths.sae_dir(OFFLINE))
+    assert load_sae(OFFLINE).d_sae == 32
+
+
+def test_load_sae_refuses_what_it_cannot_analyse_faithfully(tmp_path):
+    from saelab.analysis import load_sae
+    from saelab.config import OFFLINE
+
+    with pytest.raises(FileNotFoundError, match="sae_path='nowhere' is not a folder"):
+        load_sae(OFFLINE.replace(sae_path="nowhere"))
+    saelens_folder(tmp_path / "wide", 768, 16, hook=OFFLINE.hook)
+    with pytest.raises(ValueError, match="d_in=768.*d_in=64"):
+        load_sae(OFFLINE.replace(sae_path=str(tmp_path / "wide")))
+    saelens_folder(tmp_path / "l7", OFFLINE.d_in, 16, hook="blocks.7.hook_resid_pre")
+    with pytest.raises(ValueError, match="'blocks.7.hook_resid_pre'.*hook='blocks.7.hook_resid_pre'"):
+        load_sae(OFFLINE.replace(sae_path=str(tmp_path / "l7")))
+    saelens_folder(tmp_path / "gpt2", OFFLINE.d_in, 16, hook=OFFLINE.hook, model="gpt2-small")
+    with pytest.warns(UserWarning, match="'gpt2-small'"):
+        load_sae(OFFLINE.replace(sae_path=str(tmp_path / "gpt2")))
+    # x - b_dec before encoding: until SAE.load applies it, analysing it would give wrong features
+    saelens_folder(tmp_path / "bdec", OFFLINE.d_in, 16, hook=OFFLINE.hook, apply_b_dec=True)
+    with pytest.raises(ValueError, match="apply_b_dec_to_input"):
+        load_sae(OFFLINE.replace(sae_path=str(tmp_path / "bdec")))
