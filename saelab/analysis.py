@@ -22,6 +22,7 @@ from tqdm import tqdm  # text bars: a saved notebook keeps their last line (tqdm
 
 from saelab import paths
 from saelab.config import Profile
+from saelab.lm import LM_SETTINGS
 from saelab.sae import CFG_FILENAME, SAE, WEIGHTS_FILENAME
 from saelab.store import INDEX_FIELDS, ActivationStore
 
@@ -195,6 +196,13 @@ def load_sae(profile: Profile, device: str | torch.device = "cpu") -> SAE:
     if model and model != profile.model_name:
         warnings.warn(f"{folder} was trained on model {model!r}; profile {profile.name!r} runs "
                       f"{profile.model_name!r}. Fine if these are one model under two names.", stacklevel=2)
+    loaded_with = sae.metadata.get("model_from_pretrained_kwargs") or {}
+    differ = {k: v for k, v in loaded_with.items() if k in LM_SETTINGS and LM_SETTINGS[k] != v}
+    if differ:  # e.g. SAELens' gpt2-small-res-jb: center_writing_weights=True
+        warnings.warn(f"{folder} was trained on activations of a model loaded with {differ}, saelab captures them "
+                      f"with {({k: LM_SETTINGS[k] for k in differ})} (Hugging Face's residual stream); "
+                      "center_writing_weights removes each residual vector's mean over d_model, so expect a "
+                      "worse reconstruction here than its authors report", stacklevel=2)
     return sae
 
 

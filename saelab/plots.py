@@ -152,8 +152,9 @@ def write_if_changed(path: Path, text: str) -> bool:
     return True
 
 
-def _log(profile: Profile, name: str, **what) -> None:
-    """Append one line to runs/<profile>/figures.log (`make workbook` summarises it at the end)."""
+def log_figure(profile: Profile, name: str, **what) -> None:
+    """Append one line to runs/<profile>/figures.log (`make workbook` summarises it at the end).
+    what: html="written" | "kept", png="written" | "kept" | "none" | "removed stale" | "-" (no PNG kind)."""
     log = paths.run_dir(profile) / FIGURES_LOG
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("a", encoding="utf-8") as out:
@@ -211,7 +212,7 @@ def save_figure(fig: go.Figure, profile: Profile, name: str, *, plotlyjs: str = 
         png_status = "removed stale"
     else:
         png_status = "kept" if image.is_file() else "none"
-    _log(profile, page.name, html="written" if rewrote else "kept", png=png_status,
+    log_figure(profile, page.name, html="written" if rewrote else "kept", png=png_status,
          reason=None if png_status in ("written", "kept") or not png else _png_state["reason"])
     return [page, image] if image.is_file() else [page]
 
@@ -224,7 +225,7 @@ def save_html(body: str, profile: Profile, name: str, title: str) -> Path:
     path = out / f"{_figure_stem(name)}.html"
     page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title></head>"
             f"<body style='font-family:sans-serif'><h2>{html.escape(title)}</h2>{body}</body></html>")
-    _log(profile, path.name, html="written" if write_if_changed(path, page) else "kept", png="-")
+    log_figure(profile, path.name, html="written" if write_if_changed(path, page) else "kept", png="-")
     return path
 
 

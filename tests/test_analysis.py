@@ -161,13 +161,14 @@ def test_logit_attribution_is_the_same_with_ln_final_folded_or_not():
         assert not torch.allclose(logit_attribution(sae, unfolded.W_U, f), expected, atol=1e-4)  # scale matters
 
 
-def saelens_folder(path, d_in, d_sae, hook="blocks.6.hook_resid_pre", model="offline-tiny", apply_b_dec=False):
+def saelens_folder(path, d_in, d_sae, hook="blocks.6.hook_resid_pre", model="offline-tiny", apply_b_dec=False,
+                   **metadata):
     """An SAE folder written by SAELens itself (its own save_model), biases non-zero so they count."""
     from sae_lens import StandardSAE, StandardSAEConfig
     from sae_lens.saes.sae import SAEMetadata
 
     cfg = StandardSAEConfig(d_in=d_in, d_sae=d_sae, apply_b_dec_to_input=apply_b_dec,
-                            metadata=SAEMetadata(hook_name=hook, model_name=model))
+                            metadata=SAEMetadata(hook_name=hook, model_name=model, **metadata))
     reference = StandardSAE(cfg)
     with torch.no_grad():
         reference.b_enc.copy_(torch.randn(d_sae) * 0.1)
@@ -213,6 +214,11 @@ def test_load_sae_refuses_what_it_cannot_analyse_faithfully(tmp_path):
     saelens_folder(tmp_path / "gpt2", OFFLINE.d_in, 16, hook=OFFLINE.hook, model="gpt2-small")
     with pytest.warns(UserWarning, match="'gpt2-small'"):
         load_sae(OFFLINE.replace(sae_path=str(tmp_path / "gpt2")))
+    with pytest.warns(UserWarning, match="from_pretrained_kwargs"):  # SAELens' own note on such SAEs
+        saelens_folder(tmp_path / "centred", OFFLINE.d_in, 16, hook=OFFLINE.hook,
+                       model_from_pretrained_kwargs={"center_writing_weights": True})
+    with pytest.warns(UserWarning, match="center_writing_weights"):
+        load_sae(OFFLINE.replace(sae_path=str(tmp_path / "centred")))
     # x - b_dec before encoding: until SAE.load applies it, analysing it would give wrong features
     saelens_folder(tmp_path / "bdec", OFFLINE.d_in, 16, hook=OFFLINE.hook, apply_b_dec=True)
     with pytest.raises(ValueError, match="apply_b_dec_to_input"):
