@@ -17,7 +17,7 @@ import pandas as pd
 import torch
 from safetensors import safe_open
 
-from saelab import plots
+from saelab import plots, tables
 from saelab.analysis import MAEResult, logit_attribution, top_logit_tokens
 from saelab.config import Profile
 from saelab.sae import SAE
@@ -137,8 +137,13 @@ class FeatureCard:
     logits: pd.DataFrame | None
     caption: str
 
+    def __repr__(self) -> str:  # the text a saved notebook shows beside the HTML: one line, not the fields
+        tokens = ", ".join(repr(t) for t in self.examples["token"]) if len(self.examples) else "none"
+        return (f"Feature {self.feature}: fires on {tables.number(100 * self.stats['frequency'])}% of tokens, max "
+                f"{tables.number(self.stats['max_activation'])}; top example tokens {tokens} ({self.caption})")
+
     def _repr_html_(self) -> str:
-        stats = self.stats.to_frame().T.to_html(float_format=lambda v: f"{v:.4g}")
+        stats = tables.tidy(self.stats.to_frame().T).to_html(float_format=tables.number)  # firing in percent
         if self.logits is None:
             logits = "<i>no unembedding given: pass unembed=analysis.unembedding(lm)</i>"
         else:

@@ -176,7 +176,8 @@ CSS = """body{font:14px/1.4 sans-serif;margin:1.5em auto;max-width:1100px;color:
 nav a{margin-right:1em} .origin{color:#666;font-size:12px} h2{font-size:17px;margin:1.2em 0 .4em}
 .grid{display:grid;grid-template-columns:repeat(auto-fit,minmax(320px,1fr));gap:1em 2.5em}
 table{border-collapse:collapse} td,th{padding:2px 8px;text-align:right;border-bottom:1px solid #eee}
-td:first-child,th:first-child{text-align:left} .ex{margin:2px 0;white-space:nowrap;overflow-x:auto}
+td:first-child,th:first-child,.index td:nth-child(2){text-align:left}
+.ex{margin:2px 0;white-space:nowrap;overflow-x:auto}
 .ex code{display:inline-block;width:5.5em;color:#555} .ex .at{color:#999;font-size:11px;margin-right:.5em}
 .swatch{display:inline-block;width:.9em;height:.9em;vertical-align:middle;margin-right:.3em}
 .legend span{margin-right:1.2em}"""
@@ -193,12 +194,12 @@ def histogram_svg(counts: torch.Tensor, edges: torch.Tensor, bands: list[float],
     """Inline SVG bar chart of one feature's (bins,) activation counts, bars coloured by quantile band
     (`bands`: the activations at 75/50/25% of firings), a tooltip per bar, 0 and max on the x axis."""
     peak, bins = max(int(counts.max()), 1), len(counts)
-    bar_w, plot_h = width / bins, height - 30
+    bar_w, top, plot_h = width / bins, 16, height - 30  # the peak's label sits in the top 16 px
     bars = []
     for i, count in enumerate(counts.tolist()):
         middle = float(edges[i] + edges[i + 1]) / 2
         band = sum(middle < b for b in bands)  # 0 = top quarter ... 3 = bottom quarter
-        bar_h = max(plot_h * count / peak, 1.0 if count else 0.0)
+        bar_h = max((plot_h - top) * count / peak, 1.0 if count else 0.0)
         bars.append(f"<rect x='{i * bar_w:.1f}' y='{plot_h - bar_h:.1f}' width='{max(bar_w - 1, 1):.1f}' "
                     f"height='{bar_h:.1f}' fill='{BAND_COLOURS[band]}'><title>{number(float(edges[i]))}–"
                     f"{number(float(edges[i + 1]))}: {count:,} tokens</title></rect>")
@@ -206,7 +207,7 @@ def histogram_svg(counts: torch.Tensor, edges: torch.Tensor, bands: list[float],
             f"<text x='0' y='{plot_h + 14}' font-size='11'>0</text>"
             f"<text x='{width}' y='{plot_h + 14}' font-size='11' text-anchor='end'>{number(float(edges[-1]))}</text>"
             f"<text x='{width / 2}' y='{plot_h + 27}' font-size='11' text-anchor='middle'>activation</text>"
-            f"<text x='2' y='10' font-size='11'>{peak:,} tokens</text>")
+            f"<text x='0' y='11' font-size='11'>tallest bar: {peak:,} tokens</text>")
     return (f"<svg xmlns='http://www.w3.org/2000/svg' width='{width}' height='{height}' role='img' "
             f"aria-label='activation histogram'>{''.join(bars)}{axis}</svg>")
 
@@ -302,14 +303,15 @@ def write_dashboards(explorer: FeatureExplorer, features: list[int], directory: 
     `dashboard_pass` (bins, sample, chunk_rows, exclude_token_ids). Pages whose content changed only
     by float noise are left as they are; feature pages of an earlier run not in `features` are removed.
     """
-    data = dashboard_pass(explorer, features, progress=progress, **pass_options)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    decoder = explorer.sae.decoder_weight.detach()
-    unit = decoder / decoder.norm(dim=1, keepdim=True).clamp_min(1e-12)  # (d_sae, d_in)
-    cosine = unit[features] @ unit.t()  # (N, d_sae)
-    cosine[torch.arange(len(features)), torch.tensor(features)] = -2.0  # not its own neighbour
-    near = cosine.topk(min(n_neighbours, cosine.shape[1] - 1), dim=1)
+    if features:  # none (profile.dashboard_features = 0): only the index, saying so
+        data = dashboard_pass(explorer, features, progress=progress, **pass_options)
+        decoder = explorer.sae.decoder_weight.detach()
+        unit = decoder / decoder.norm(dim=1, keepdim=True).clamp_min(1e-12)  # (d_sae, d_in)
+        cosine = unit[features] @ unit.t()  # (N, d_sae)
+        cosine[torch.arange(len(features)), torch.tensor(features)] = -2.0  # not its own neighbour
+        near = cosine.topk(min(n_neighbours, cosine.shape[1] - 1), dim=1)
     for i, f in enumerate(tqdm(features, desc="pages", disable=not progress)):
         body = _feature_body(explorer, data, i, _neighbours(near.values[i], near.indices[i], set(features)),
                              per_band, n_logits)
@@ -357,7 +359,7 @@ def _index(explorer: FeatureExplorer, features: list[int]) -> str:
                     f"<td style='text-align:left'>{html.escape(', '.join(repr(t) for t in tokens))}</td></tr>")
     return ("<p>The features with the largest total activation on the held-out sample, one page each: "
             "statistics, activation histogram, examples across the range of activations, logit effect and "
-            "nearest features.</p><table><tr><th>rank</th><th>feature</th><th>fires on</th><th>max</th>"
+            "nearest features.</p><table class='index'><tr><th>rank</th><th>feature</th><th>fires on</th><th>max</th>"
             f"<th>mean when active</th><th style='text-align:left'>top example tokens</th></tr>{''.join(rows)}</table>")
 
 

@@ -62,11 +62,30 @@ def tidy(frame: pd.DataFrame | pd.Series, digits: int = DIGITS) -> pd.DataFrame 
     return out
 
 
-def show(frame: pd.DataFrame | pd.Series, caption: str | None = None, digits: int = DIGITS):
-    """`tidy(frame)` as a pandas Styler for a notebook: every number printed by `number` (no padding
-    to six decimals), `caption` above the table (e.g. `plots.caption(...)`, naming profile and device)."""
+class Table:
+    """A tidy table for a notebook: HTML with every number printed by `number` and the caption above it;
+    plain text (a saved notebook's text view, a terminal) with the same numbers. `frame` holds the data."""
+
+    def __init__(self, frame: pd.DataFrame, caption: str | None = None, digits: int = DIGITS):
+        self.frame, self.caption, self.digits = frame, caption, digits
+
+    def _format(self, value):
+        return number(value, self.digits) if isinstance(value, (int, float, np.number)) else value
+
+    def to_html(self) -> str:
+        style = self.frame.style.format(self._format)
+        return (style.set_caption(self.caption) if self.caption else style).to_html()
+
+    _repr_html_ = to_html
+
+    def __repr__(self) -> str:
+        text = self.frame.map(self._format).to_string()
+        return f"{self.caption}\n{text}" if self.caption else text
+
+
+def show(frame: pd.DataFrame | pd.Series, caption: str | None = None, digits: int = DIGITS) -> Table:
+    """`tidy(frame)` as a `Table` for a notebook: numbers printed by `number` (no padding to six
+    decimals, no object address as its text), `caption` above it (e.g. `plots.caption(...)`, naming
+    profile and device). `.to_html()` gives the page fragment to save."""
     table = tidy(frame, digits)
-    if isinstance(table, pd.Series):
-        table = table.to_frame()
-    style = table.style.format(lambda v: number(v, digits) if isinstance(v, (int, float, np.number)) else v)
-    return style.set_caption(caption) if caption else style
+    return Table(table.to_frame() if isinstance(table, pd.Series) else table, caption, digits)

@@ -1,14 +1,18 @@
 """Streaming MAE against brute force on small stores written here."""
 
 import math
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
+from tiny import tiny_fixture, tiny_tokens_root_fixture  # noqa: F401  (fixtures)
 
 from saelab.analysis import logit_attribution, max_activating, top_features, top_logit_tokens, unembedding
 from saelab.sae import SAE
 from saelab.store import StoreWriter
+
+ROOT = Path(__file__).resolve().parent.parent
 
 PAD = 99
 
@@ -223,3 +227,25 @@ def test_load_sae_refuses_what_it_cannot_analyse_faithfully(tmp_path):
     saelens_folder(tmp_path / "bdec", OFFLINE.d_in, 16, hook=OFFLINE.hook, apply_b_dec=True)
     with pytest.raises(ValueError, match="apply_b_dec_to_input"):
         load_sae(OFFLINE.replace(sae_path=str(tmp_path / "bdec")))
+
+
+def test_notebook_04_analyses_a_folder_saelens_wrote(tiny, tmp_path, monkeypatch):
+    """The issue's 'done when': notebook 04 runs on an SAE folder made by SAELens on the offline shape."""
+    import nbformat
+    from nbclient import NotebookClient
+
+    from saelab import paths
+    from saelab.capture import capture_activations
+
+    capture_activations(tiny, "mae", "cpu", progress=False)
+    saelens_folder(tmp_path / "saelens_sae", tiny.d_in, 96, hook=tiny.hook, model=tiny.model_name)
+    profile = tiny.replace(sae_path=str(tmp_path / "saelens_sae"), dashboard_features=3)
+    (tmp_path / "profile.json").write_text(profile.to_json())
+    monkeypatch.setenv("SAELAB_PROFILE", str(tmp_path / "profile.json"))
+    notebook = nbformat.read(ROOT / "notebooks" / "04_mae_analysis.ipynb", as_version=4)
+    NotebookClient(notebook, timeout=600, kernel_name="python3",
+                   resources={"metadata": {"path": str(ROOT / "notebooks")}}).execute()
+    figures = paths.figures_dir(profile)
+    assert len(list((figures / "dashboards").glob("feature_*.html"))) == 3
+    assert "SAE saelens_sae" in (figures / "04_top_features.html").read_text()  # titles name the SAE analysed
+    assert not paths.sae_dir(profile).exists()  # no notebook-03 SAE was needed

@@ -126,3 +126,5 @@ def test_a_rerun_keeps_unchanged_pages_and_removes_stale_ones(tmp_path):
     assert not (folder / "feature_5.html").exists() and (folder / "feature_3.html").read_bytes() != before  # nav
     write_dashboards(explorer, [3, 0], folder, progress=False)
     assert sorted(p.name for p in folder.iterdir()) == ["feature_0.html", "feature_3.html", "index.html"]
+    write_dashboards(explorer, [], folder, progress=False)  # profile.dashboard_features = 0
+    assert sorted(p.name for p in folder.iterdir()) == ["index.html"]

@@ -30,6 +30,9 @@ def test_numbers_print_without_padding_or_si_suffixes():
     assert tables.number(math.nan) == "–"
 
 
-def test_show_styles_the_tidy_table_with_a_caption():
-    html = tables.show(pd.DataFrame({"frequency": [0.0123456]}), "Top features").to_html()
+def test_show_styles_the_tidy_table_with_a_caption_in_html_and_text():
+    table = tables.show(pd.DataFrame({"frequency": [0.0123456], "n_active": [12345]}), "Top features")
+    html = table.to_html()
     assert "firing_pct" in html and "1.235" in html and "Top features" in html and "1.234560" not in html
+    assert repr(table).splitlines() == ["Top features", "  firing_pct n_active", "0      1.235   12,345"]
+    assert "Styler" not in repr(table)  # a saved notebook's text view shows the table, not an object address
