@@ -336,7 +336,8 @@ def _feature_body(explorer: FeatureExplorer, data: DashboardData, i: int, neighb
     bands = quantile_values(data.histogram[i], data.edges[i], [0.75, 0.5, 0.25])
     return (f"{nav}<div class='grid'><div><h2>Statistics</h2>{_stats(explorer, data, i)}</div>"
             f"<div><h2>Activation histogram (tokens where it fires)</h2>"
-            f"{histogram_svg(data.histogram[i], data.edges[i], bands)}</div>"
+            f"{histogram_svg(data.histogram[i], data.edges[i], bands)}<p class='origin'>Bars coloured by quarter of "
+            "its firings, as the example sections below; hover a bar for its count.</p></div>"
             f"<div><h2>Logit effect of its decoder direction</h2>{_logits(explorer, logits, n_logits)}</div>"
             f"<div><h2>Nearest features (decoder cosine)</h2>{neighbours}</div></div>"
             f"<h2>Examples</h2>{_examples(explorer, data, i, per_band)}")
