@@ -25,6 +25,8 @@ _PUBLIC = {
     "ActivationStore": "saelab.store",
     "StoreWriter": "saelab.store",
     "max_activating": "saelab.analysis",
+    "load_sae": "saelab.analysis",
+    "write_dashboards": "saelab.dashboards",
     "FeatureExplorer": "saelab.cards",
     "feature_card": "saelab.cards",
     "save_figure": "saelab.plots",

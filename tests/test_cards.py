@@ -77,3 +77,6 @@ def test_public_names_resolve_lazily():
 
     assert saelab.feature_card is feature_card and saelab.FeatureExplorer is FeatureExplorer
     assert saelab.max_activating is analysis.max_activating and saelab.save_figure is plots.save_figure
+    from saelab import dashboards
+
+    assert saelab.load_sae is analysis.load_sae and saelab.write_dashboards is dashboards.write_dashboards
