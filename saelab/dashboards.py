@@ -121,6 +121,8 @@ def dashboard_pass(explorer: FeatureExplorer, features: list[int], *, bins: int 
         raise ValueError(f"features must lie in 0..{explorer.sae.d_sae - 1} (the SAE's d_sae)")
     if min(bins, sample, chunk_rows) < 1:
         raise ValueError(f"bins={bins}, sample={sample}, chunk_rows={chunk_rows}: each must be >= 1")
+    if explorer.store.n_rows >= _LOW:
+        raise ValueError(f"{explorer.store.n_rows} rows exceed the 2^32 rows a sample key can number; split the store")
     device, mae = torch.device(explorer.device), explorer.mae
     sae = explorer.sae.to(device).eval()
     feats = torch.tensor(features, device=device)
