@@ -27,6 +27,8 @@ _PUBLIC = {
     "ActivationStore": "saelab.store",
     "StoreWriter": "saelab.store",
     "max_activating": "saelab.analysis",
+    "load_sae": "saelab.analysis",
+    "write_dashboards": "saelab.dashboards",
     "FeatureExplorer": "saelab.cards",
     "feature_card": "saelab.cards",
     "save_figure": "saelab.plots",
@@ -41,6 +43,11 @@ _PUBLIC = {
 }
 
 __all__ = [*_PUBLIC, "paths"]
+
+
+def __dir__() -> list[str]:
+    """The public names, for tab completion and `dir(saelab)`; resolving them stays lazy."""
+    return sorted({*__all__, "__version__"})
 
 
 def __getattr__(name: str):

@@ -11,13 +11,18 @@ value, so keys are unique and `topk` on them is exact and deterministic on any d
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
+from tqdm import tqdm  # text bars: a saved notebook keeps their last line (tqdm.auto widgets stay at "0%")
 
-from saelab.sae import SAE
+from saelab import paths
+from saelab.config import Profile
+from saelab.lm import LM_SETTINGS
+from saelab.sae import CFG_FILENAME, SAE, WEIGHTS_FILENAME
 from saelab.store import INDEX_FIELDS, ActivationStore
 
 _LOW = (1 << 32) - 1  # low 32 bits of a key hold (2^32 - 1 - row), so smaller rows rank higher
@@ -52,7 +57,9 @@ def _unkey(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def feature_stats(totals: torch.Tensor, counts: torch.Tensor, max_values: torch.Tensor,
                   n_tokens: int) -> pd.DataFrame:
-    """Per-feature table: total activation, firing frequency, max, mean when active (NaN if never)."""
+    """Per-feature table from (d_sae,) sums: one row per feature (index "feature"), columns
+    total_activation, frequency (fraction of the n_tokens on which it fired, 0..1), n_active,
+    max_activation and mean_when_active (NaN for a feature that never fired)."""
     frame = pd.DataFrame({
         "total_activation": totals.double().cpu().numpy(),
         "frequency": (counts.double() / max(n_tokens, 1)).cpu().numpy(),
@@ -87,12 +94,26 @@ class _Running:
 def max_activating(sae: SAE, store: ActivationStore, k: int = 5, *, device: str | torch.device = "cpu",
                    chunk_rows: int = 4096, exclude_token_ids: set[int] | None = None,
                    progress: bool = True) -> MAEResult:
-    """One streaming pass: top-k store rows per feature and per-feature statistics.
+    """One streaming pass over `store`: the top-k store rows of every feature and per-feature statistics.
 
-    Rows whose token id is in `exclude_token_ids` (e.g. a pad id) are skipped entirely: they
-    are never examples and do not count as tokens. Packed token data has no pads, so the
-    default excludes nothing.
+    sae: encodes each chunk; it is moved to `device` and put in eval mode (in place, as
+        `nn.Module.to`). Its d_in (and hook, when its cfg names one) must match the store's.
+    k: examples kept per feature (notebook 04: profile.mae_top_k, the seed's 5); k >= 1.
+    device: where chunks are encoded (default "cpu"; pass "cuda" on a GPU). The store is read on the CPU.
+    chunk_rows: rows encoded at once; memory is O(chunk_rows x d_sae + d_sae x k).
+    exclude_token_ids: rows with these token ids (e.g. a pad id) are skipped entirely: never
+        examples, not counted as tokens. Packed token data has no pads: the default excludes nothing.
+    progress: a text progress bar over shards.
+
+    Returns an `MAEResult`: values/rows (d_sae, k) sorted by activation (ties: the smaller row
+    first; 0.0 / -1 where fewer than k rows fired), `stats` (see `feature_stats`), the store's
+    per-row index and the number of tokens scanned. Nothing is written.
     """
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"k={k!r}: the number of examples kept per feature must be an integer >= 1 "
+                         "(notebook 04 passes profile.mae_top_k; the seed keeps 5)")
+    if isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1:
+        raise ValueError(f"chunk_rows={chunk_rows!r}: rows encoded at once, an integer >= 1 (default 4096)")
     if store.d_in != sae.d_in:
         raise ValueError(f"store has d_in={store.d_in} but the SAE expects {sae.d_in}; "
                          "use the SAE trained on this hook")
@@ -130,14 +151,53 @@ def max_activating(sae: SAE, store: ActivationStore, k: int = 5, *, device: str 
 
 
 def top_features(stats: pd.DataFrame, by: str = "total_activation", n: int = 20) -> pd.DataFrame:
-    """The n features with the largest `by` (ties: smaller feature id first)."""
+    """The n rows of `stats` (as `feature_stats`) with the largest `by` column, largest first
+    (ties: smaller feature id first); a new DataFrame, `stats` is not changed. Default: the seed's
+    ranking, total activation, top 20."""
     if by not in stats.columns:
         raise ValueError(f"unknown column {by!r}; choose one of {list(stats.columns)}")
     return stats.sort_values([by, "feature"], ascending=[False, True], kind="stable").head(n)
 
 
+def load_sae(profile: Profile, device: str | torch.device = "cpu") -> SAE:
+    """The SAE notebook 04 analyses for `profile`, loaded on `device` (default "cpu"): the
+    SAELens-format folder `profile.sae_path` when set (cfg.json + sae_weights.safetensors, e.g. a
+    public SAE that SAELens downloaded and saved with `save_model`), else notebook 03's SAE in
+    `paths.sae_dir(profile)`.
+
+    Refuses, saying what to do, an SAE that does not read this profile's hook (d_in, or cfg.json's
+    metadata.hook_name when it names one); `SAE.load` refuses cfg.json settings it cannot apply, so
+    features are never silently wrong. A different metadata.model_name only warns: names differ
+    by alias (SAELens' "gpt2-small" is TransformerLens' "gpt2").
+    """
+    folder = Path(profile.sae_path).expanduser() if profile.sae_path else paths.sae_dir(profile)
+    if profile.sae_path and not folder.is_dir():
+        raise FileNotFoundError(f"sae_path={profile.sae_path!r} is not a folder: give a SAELens-format SAE folder "
+                                f"({CFG_FILENAME} + {WEIGHTS_FILENAME}), e.g. one written by SAELens' save_model")
+    sae = SAE.load(folder, device=device)  # refuses cfg.json settings it cannot apply (normalize_activations, ...)
+    if sae.d_in != profile.d_in:
+        raise ValueError(f"{folder} holds an SAE with d_in={sae.d_in}, but profile {profile.name!r} captures "
+                         f"{profile.hook!r} with d_in={profile.d_in}; use an SAE trained on that hook")
+    hook, model = sae.metadata.get("hook_name"), sae.metadata.get("model_name")
+    if hook and hook != profile.hook:
+        raise ValueError(f"{folder} holds an SAE for {hook!r}, but profile {profile.name!r} captures {profile.hook!r}; "
+                         f"use a profile with hook={hook!r} (and capture its activations in notebook 02)")
+    if model and model != profile.model_name:
+        warnings.warn(f"{folder} was trained on model {model!r}; profile {profile.name!r} runs "
+                      f"{profile.model_name!r}. Fine if these are one model under two names.", stacklevel=2)
+    loaded_with = sae.metadata.get("model_from_pretrained_kwargs") or {}
+    differ = {k: v for k, v in loaded_with.items() if k in LM_SETTINGS and LM_SETTINGS[k] != v}
+    if differ:  # e.g. SAELens' gpt2-small-res-jb: center_writing_weights=True
+        warnings.warn(f"{folder} was trained on activations of a model loaded with {differ}, saelab captures them "
+                      f"with {({k: LM_SETTINGS[k] for k in differ})} (Hugging Face's residual stream); "
+                      "center_writing_weights removes each residual vector's mean over d_model, so expect a "
+                      "worse reconstruction here than its authors report", stacklevel=2)
+    return sae
+
+
 def unembedding(lm) -> torch.Tensor:
-    """(d_model, d_vocab) W_U as seen by the residual stream, final LayerNorm scale included.
+    """(d_model, d_vocab) W_U of a TransformerLens model `lm`, as the residual stream sees it, final
+    LayerNorm scale included; a detached tensor on lm's device (lm is not changed).
 
     TransformerLens folds ln_final.w into W_U when loaded with fold_ln=True (normalization
     "LNPre", no `ln_final.w`; it also centres W_U over d_model, which `logit_attribution` makes
@@ -151,7 +211,8 @@ def unembedding(lm) -> torch.Tensor:
 
 
 def logit_attribution(sae: SAE, unembed: torch.Tensor, feature: int, *, center: bool = True) -> torch.Tensor:
-    """(d_vocab,) direct effect on the logits of one unit of the feature: W_dec[f] @ W_U.
+    """(d_vocab,) direct effect on the logits of one unit of the feature: W_dec[f] @ W_U, on
+    unembed's device and dtype (nothing is changed in place). unembed: `unembedding(lm)`.
 
     center: LayerNorm subtracts the mean over d_model first, so the direction's mean component
     never reaches the logits (exact for LN models such as GPT-2); and softmax ignores a shift of
@@ -166,7 +227,9 @@ def logit_attribution(sae: SAE, unembed: torch.Tensor, feature: int, *, center: 
 
 
 def top_logit_tokens(logits: torch.Tensor, tokenizer, n: int = 10) -> pd.DataFrame:
-    """The n most promoted and n most suppressed tokens: columns token_id, token, logit, effect."""
+    """The n most promoted and n most suppressed tokens of a (d_vocab,) `logits` vector (as
+    `logit_attribution`): a DataFrame of 2n rows, promoted first (largest logit first), then
+    suppressed (most negative first); columns token_id, token (tokenizer.decode), logit, effect."""
     n = min(n, len(logits))
     up, down = logits.topk(n), (-logits).topk(n)
     ids = torch.cat([up.indices, down.indices]).tolist()

@@ -31,7 +31,8 @@ VALUE_SAMPLE_SIZE = 200_000
 
 
 def store_metadata(profile: Profile, split: str, lm) -> dict:
-    """What the activations depend on; a resume with anything different is refused by StoreWriter."""
+    """The store's metadata dict: what the activations depend on (profile settings, tokens, LM config).
+    A resume with anything different is refused by StoreWriter."""
     return {"profile": profile.name, "split": split, "context_size": profile.context_size,
             "exclude_first_position": profile.exclude_first_position, "lm_settings": LM_SETTINGS,
             "lm_config": {k: getattr(lm.cfg, k) for k in ("n_layers", "d_model", "n_heads", "d_mlp", "d_vocab")},
@@ -51,7 +52,8 @@ def _expected(profile: Profile, split: str) -> dict:
 
 
 def differences(stored, wanted, prefix: str = "") -> list[str]:
-    """'key.sub: stored X, profile Y' for every leaf of `wanted` that `stored` does not match."""
+    """A list of 'key.sub: stored X, profile Y', one for each leaf of the (nested) dict `wanted` that
+    `stored` does not match; [] when all match. Keys only in `stored` are ignored."""
     if isinstance(stored, dict) and isinstance(wanted, dict):
         return [d for k, v in wanted.items() for d in differences(stored.get(k), v, f"{prefix}{k}.")]
     return [] if stored == wanted else [f"{prefix[:-1]}: stored {stored!r}, profile {wanted!r}"]
@@ -65,10 +67,12 @@ def stale_store_message(profile: Profile, split: str, detail: list[str]) -> str:
 
 
 def open_store(profile: Profile, split: str = "train") -> ActivationStore:
-    """The finished store of `split`, checked against the profile's current tokens, model and hook.
+    """The finished store of `split` ("train" or "mae") in `paths.store_dir(profile, split)`, checked
+    against the profile's current tokens, model and hook; nothing is captured or changed.
 
     Notebooks 03-04 open stores this way, so activations captured before notebook 01 was rerun
-    with other settings are refused instead of silently used.
+    with other settings are refused (ValueError saying what to delete and rerun) instead of
+    silently used. A missing store raises FileNotFoundError: run notebook 02.
     """
     store = ActivationStore(paths.store_dir(profile, split))
     detail = differences(store.manifest, _expected(profile, split))
@@ -78,7 +82,9 @@ def open_store(profile: Profile, split: str = "train") -> ActivationStore:
 
 
 def batch_rows(acts: torch.Tensor, ids: torch.Tensor, first_context: int, skip_first: bool):
-    """(batch, pos, d_in) activations -> (rows, d_in) and the per-row index, position 0 dropped if asked."""
+    """(batch, pos, d_in) activations and (batch, pos) token ids -> (rows, d_in) activations and the
+    per-row index dict (context numbered from first_context, position, token_id), position 0 dropped
+    when skip_first. The inputs are not changed."""
     start = 1 if skip_first else 0
     batch, pos = ids.shape
     acts, ids = acts[:, start:], ids[:, start:]  # (batch, pos - start, d_in), (batch, pos - start)
@@ -90,9 +96,13 @@ def batch_rows(acts: torch.Tensor, ids: torch.Tensor, first_context: int, skip_f
 @torch.inference_mode()
 def capture_activations(profile: Profile, split: str = "train", device: str | None = None, *,
                         lm=None, progress: bool = True) -> ActivationStore:
-    """Capture profile.hook over `load_tokens(profile, split)` into `paths.store_dir(profile, split)`.
+    """Capture profile.hook over `load_tokens(profile, split)` into `paths.store_dir(profile, split)`
+    and return the finished `ActivationStore`.
 
-    Resumes an interrupted capture; returns the finished store at once if it is complete.
+    device: where the LM runs (default: the best available, `config.default_device()`). lm: a loaded
+    model to reuse (default: `load_lm(profile, device)`). Resumes an interrupted capture; returns the
+    store at once if it is complete (nothing recomputed). A store of other settings in that folder
+    raises ValueError naming what to delete; it is left as it is.
     """
     tokens = load_tokens(profile, split).with_format("torch")
     device = device or default_device()
@@ -131,7 +141,8 @@ def capture_activations(profile: Profile, split: str = "train", device: str | No
 
 @torch.inference_mode()
 def norm_by_position(lm, input_ids: torch.Tensor, hook: str, device: str | None = None):
-    """Mean and 10/90% quantiles of the hook's L2 norm at each position, position 0 included.
+    """A DataFrame, one row per position (position 0 included): mean_norm, q10, q90 of the hook's
+    L2 norm over the batch. Runs `lm` on its own device unless `device` is given.
 
     input_ids: (batch, pos). Computed from the LM rather than the store, because the store may
     exclude position 0, which is exactly the position this plot is about.
@@ -147,7 +158,8 @@ def norm_by_position(lm, input_ids: torch.Tensor, hook: str, device: str | None 
 
 
 def value_sample(store: ActivationStore, n: int = VALUE_SAMPLE_SIZE, seed: int = 0):
-    """About n activation values: all d_in values of rows drawn uniformly from every shard (numpy)."""
+    """About n activation values as a flat numpy float32 array: all d_in values of rows drawn
+    uniformly (seeded) from every shard. Default n: VALUE_SAMPLE_SIZE (200k), enough for a smooth histogram."""
     generator = torch.Generator().manual_seed(seed)
     share = min(1.0, n / max(store.n_rows * store.d_in, 1))
     parts = []

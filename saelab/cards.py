@@ -17,7 +17,7 @@ import pandas as pd
 import torch
 from safetensors import safe_open
 
-from saelab import plots
+from saelab import plots, tables
 from saelab.analysis import MAEResult, logit_attribution, top_logit_tokens
 from saelab.config import Profile
 from saelab.sae import SAE
@@ -25,7 +25,8 @@ from saelab.store import ActivationStore
 
 
 def read_rows(store: ActivationStore, rows: torch.Tensor) -> torch.Tensor:
-    """(n,) store rows -> (n, d_in) float32 activations, reading only the slices that hold them."""
+    """(n,) int64 store rows -> (n, d_in) float32 CPU activations in the same order, reading from each
+    shard only the slice between the first and last row asked for (the store is not changed)."""
     bounds = torch.tensor([0] + [s["rows"] for s in store.manifest["shards"]]).cumsum(0)
     out = torch.empty(len(rows), store.d_in)
     shard_of = torch.searchsorted(bounds, rows, right=True) - 1
@@ -41,7 +42,14 @@ def read_rows(store: ActivationStore, rows: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class FeatureExplorer:
-    """What a feature card needs: the MAE pass, the SAE, its store and the token rows behind it."""
+    """What a feature card (and a dashboard) needs: the MAE pass, the SAE, its store and the token
+    rows behind it. The explorer only reads them; encoding moves `sae` to `device` (in place).
+
+    mae: `analysis.max_activating(sae, store, k)`. contexts: `load_tokens(profile, split)` of the
+    split the store was captured from. unembed: `analysis.unembedding(lm)`; None = no logit tables.
+    device: where contexts are re-encoded (default "cpu"). window: tokens shown (before, after) the
+    example's token (default 12, 4).
+    """
 
     mae: MAEResult
     sae: SAE
@@ -70,7 +78,9 @@ class FeatureExplorer:
         return dict(zip(index["position"][rows].tolist(), acts.cpu().tolist(), strict=True))
 
     def examples(self, feature: int) -> pd.DataFrame:
-        """The feature's top examples: rank, activation, store row, context, position, token."""
+        """The feature's top examples (at most mae's k), strongest first: a DataFrame indexed by rank
+        with columns activation, row (in the store), context, position, token_id, token. Empty for a
+        feature that never fired."""
         values, rows = self.mae.values[feature], self.mae.rows[feature]
         keep = rows >= 0  # -1 = fewer than k activations > 0
         if keep.any() and int(rows[keep].max()) >= len(self.mae.index["context"]):
@@ -83,7 +93,9 @@ class FeatureExplorer:
         return frame
 
     def highlight(self, feature: int) -> str:
-        """HTML: each example's window, tokens shaded by the feature's activation, max token boxed."""
+        """An HTML string: one line per top example, its window of tokens shaded by the feature's
+        activation there (scaled by the feature's max), the example's token boxed. Raises ValueError
+        when the token data no longer matches the store (notebook 01 rerun after 02)."""
         lines, scale = [], float(self.mae.values[feature, 0])
         before, after = self.window
         for ex in self.examples(feature).itertuples():
@@ -100,12 +112,15 @@ class FeatureExplorer:
         return "\n".join(lines) or "<div><i>never active on this sample</i></div>"
 
     def logits(self, feature: int, n: int = 10) -> pd.DataFrame | None:
+        """The n tokens the feature's decoder direction promotes most and the n it suppresses most
+        (`analysis.top_logit_tokens`), or None when the explorer has no `unembed`."""
         if self.unembed is None:
             return None
         return top_logit_tokens(logit_attribution(self.sae, self.unembed, feature), self.tokenizer, n)
 
     def highlight_features(self, features: list[int]) -> str:
-        """HTML for several features, one block each, under a caption naming profile and device."""
+        """An HTML string for several features: their `highlight` blocks, each under a heading, below
+        a caption naming profile and device."""
         caption = plots.caption("Max-activating examples", self.profile, self.device)
         return f"<p><b>{html.escape(caption)}</b></p>" + "\n".join(
             f"<h4>feature {f}</h4>{self.highlight(f)}" for f in features)
@@ -113,6 +128,8 @@ class FeatureExplorer:
 
 @dataclass
 class FeatureCard:
+    """What `feature_card` returns: shows itself as HTML in a notebook; the fields are the data."""
+
     feature: int
     stats: pd.Series
     examples: pd.DataFrame
@@ -120,8 +137,13 @@ class FeatureCard:
     logits: pd.DataFrame | None
     caption: str
 
+    def __repr__(self) -> str:  # the text a saved notebook shows beside the HTML: one line, not the fields
+        tokens = ", ".join(repr(t) for t in self.examples["token"]) if len(self.examples) else "none"
+        return (f"Feature {self.feature}: fires on {tables.number(100 * self.stats['frequency'])}% of tokens, max "
+                f"{tables.number(self.stats['max_activation'])}; top example tokens {tokens} ({self.caption})")
+
     def _repr_html_(self) -> str:
-        stats = self.stats.to_frame().T.to_html(float_format=lambda v: f"{v:.4g}")
+        stats = tables.tidy(self.stats.to_frame().T).to_html(float_format=tables.number)  # firing in percent
         if self.logits is None:
             logits = "<i>no unembedding given: pass unembed=analysis.unembedding(lm)</i>"
         else:
@@ -133,7 +155,9 @@ class FeatureCard:
 
 
 def feature_card(feature: int, explorer: FeatureExplorer, n_logits: int = 10) -> FeatureCard:
-    """One feature's stats, top examples (highlighted) and promoted/suppressed tokens."""
+    """One feature's stats, top examples (highlighted) and promoted/suppressed tokens, as a
+    `FeatureCard` that renders in a notebook (`_repr_html_`); its fields are plain DataFrames.
+    n_logits: tokens listed each way (default 10). Raises ValueError for a feature id out of range."""
     if not 0 <= feature < explorer.sae.d_sae:
         raise ValueError(f"feature {feature} out of range: the SAE has {explorer.sae.d_sae} features")
     return FeatureCard(feature, explorer.mae.stats.loc[feature], explorer.examples(feature),

@@ -108,6 +108,13 @@ class Profile:
     mae_top_k: int = 5  # examples kept per feature (seed: 5)
     mae_top_features: int = 20  # features in the summary table, by total activation (seed: 20)
 
+    # --- shareable results (issue 11, notebook 04). Not in the seed.
+    dashboard_features: int = 100  # features with a dashboard page, the top ones by total activation (0 = none)
+    # A SAELens-format SAE folder (cfg.json + sae_weights.safetensors, e.g. written by SAELens'
+    # `save_model`) that notebook 04 analyses instead of notebook 03's SAE; it must read this profile's
+    # hook (d_in and cfg's metadata.hook_name are checked). None = runs/<profile>/sae/sae.
+    sae_path: str | None = None
+
     # --- synthetic ground truth (notebook 05), after Sharkey, Braun & Millidge 2022. Not in the seed:
     # known features in superposition, to check that the architectures recover them. The sweep trains every
     # architecture at every dictionary size and sparsity knob: len(ratios) * (2·len(λs) + 2·len(ks) + len(λ0s)).
@@ -157,6 +164,11 @@ class Profile:
                     "synth_d", "synth_features", "synth_samples", "synth_epochs")
         problems += [f"{f}={getattr(self, f)}: must be a positive integer"
                      for f in positive if not (isinstance(getattr(self, f), int) and getattr(self, f) > 0)]
+        if isinstance(self.dashboard_features, bool) or not (isinstance(self.dashboard_features, int)
+                                                             and self.dashboard_features >= 0):
+            problems.append(f"dashboard_features={self.dashboard_features!r}: an integer >= 0 (0 = no dashboards)")
+        if self.sae_path is not None and not isinstance(self.sae_path, str):
+            problems.append(f"sae_path={self.sae_path!r}: a folder path as a string, or None for notebook 03's SAE")
         if not (isinstance(self.torch_threads, int) and self.torch_threads >= 0):
             problems.append(f"torch_threads={self.torch_threads}: 0 (torch's default) or a positive thread count")
         problems += self._training_problems() + self._synthetic_problems() + self._interpretability_problems()
@@ -267,6 +279,8 @@ class Profile:
         lines = [f"saelab profile {self.name!r} on {describe_device(device)}: {self.model_name} {self.hook}, "
                  f"{self.n_texts:,} texts x {self.context_size} tokens, SAE {self.d_in}->{self.d_sae} "
                  f"({self.architecture}), {self.epochs} epochs"]
+        if self.sae_path:
+            lines.append(f"SAE analysed in notebook 04: {self.sae_path} (sae_path), not notebook 03's")
         if self.is_offline:
             lines.append("OFFLINE PROFILE: a small random-weight model on a locally built corpus. "
                          "Its features are NOT GPT-2 features; use it to check the pipeline, not to "
@@ -295,6 +309,7 @@ OFFLINE = dataclasses.replace(
     GPT2, name="offline", model_name=OFFLINE_MODEL, dataset_id=OFFLINE_CORPUS, dataset_revision=None,
     d_in=64, n_texts=400, context_size=64, capture_batch_size=16, shard_rows=4_096,
     store_dtype="float32", epochs=5, batch_size=256, mae_texts=100,
+    dashboard_features=12,  # committed under figures/offline/dashboards: a dozen pages show the format
     # The offline model and SAE are tiny (width 64): intra-op threads cost more than they give there
     # (measured on a shared 2-core CPU: 2 threads made notebook 03's training and CE evaluation 5-10x slower).
     torch_threads=1,

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
+from tqdm import tqdm  # text bars: a saved notebook keeps their last line (tqdm.auto widgets stay at "0%")
 
 from saelab.metrics import evaluate
 from saelab.paths import replace_atomically

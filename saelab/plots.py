@@ -7,16 +7,26 @@ follow `NN_name`, NN = the notebook that made the figure. This module sits on fl
 get numbers, never an SAE run or the analysis (notebooks 03-05 pass their tables in).
 
 HTML files load plotly.js from plotly's CDN (`include_plotlyjs="cdn"`, pinned to the installed
-plotly's bundle version): each file stays ~10 KB instead of ~4.6 MB, so figures can be committed.
-Pass `plotlyjs="directory"` to write `plotly.min.js` once beside the figures instead, for viewing
-without a network. PNGs need kaleido>=1 (a dev extra) and a Chrome/Chromium (Debian:
-`apt-get install chromium`, or `plotly_get_chrome`); without them a one-line warning is printed.
+plotly's bundle version): each file stays small instead of ~4.6 MB, so figures can be committed.
+Offline, a page is never blank: when plotly.js cannot load, it says so and shows the PNG saved
+beside it. Pass `plotlyjs="directory"` to write `plotly.min.js` once beside the figures instead.
+PNGs need kaleido>=1 (a dev extra) and a Chrome/Chromium (Debian: `apt-get install chromium`, or
+`plotly_get_chrome`); without them a one-line warning is printed, and a PNG left from an earlier
+figure is removed rather than left stale beside the new page.
+
+Files to share are stable across machines: numbers stored in a figure are rounded to
+SIGNIFICANT_DIGITS, and a file whose new text differs from the one on disk only by numbers within
+FLOAT_NOISE (relative) is left as it is, so rerunning the workbook elsewhere does not rewrite
+committed figures with float noise. Each write is logged in runs/<profile>/figures.log for the
+workbook's summary.
 """
 
 from __future__ import annotations
 
 import atexit
+import base64
 import html
+import json
 import math
 import re
 import warnings
@@ -26,6 +36,7 @@ import numpy as np
 import pandas as pd
 import plotly.express as px
 import plotly.graph_objects as go
+import plotly.io as pio
 from plotly.subplots import make_subplots
 
 from saelab import paths
@@ -33,12 +44,19 @@ from saelab.config import Profile, default_device, describe_device
 
 OFFLINE_NOTE = "offline profile: random-weight model, NOT GPT-2"
 SYNTHETIC_SOURCE = "synthetic data (no language model, not GPT-2)"  # notebook 05's data comes from no model
-_png_state: dict[str, object] = {"warned": False, "server": False}
+_png_state: dict[str, object] = {"warned": False, "server": False, "reason": None}
+SIGNIFICANT_DIGITS = 4  # numbers stored in saved figures: what a hover shows, and no float noise beyond it
+FLOAT_NOISE = 0.01  # a saved file is kept when its numbers all change by less than this, relatively
+PNG_WIDTH = 1000  # px (x2 scale) when the figure sets no width: plotly's 700 squeezes subplots and labels
+FIGURES_LOG = "figures.log"  # runs/<profile>/figures.log: one JSON line per file written, for `make workbook`
+NO_PNG_HINT = "For PNGs: pip install 'kaleido>=1' and install Chrome/Chromium (apt-get install chromium)."
 
 
 def _origin(profile: Profile, device: str | None, source: str | None = None) -> str:
     """source: what made the data when it is not the profile's model (notebook 05: synthetic data)."""
     origin = f"profile {profile.name}, {source or profile.model_name}, on {describe_device(device or default_device())}"
+    if profile.sae_path and source is None:  # notebook 04 on an SAE from elsewhere: say which one
+        origin += f", SAE {Path(profile.sae_path).name}"
     return f"{origin} · {OFFLINE_NOTE}" if profile.is_offline and source is None else origin
 
 
@@ -81,39 +99,133 @@ def _write_png(fig: go.Figure, path: Path) -> bool:
             _png_state["server"] = True
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "kopts ignored when using a server"
-            fig.write_image(path, scale=2)
+            fig.write_image(path, scale=2, width=fig.layout.width or PNG_WIDTH)
         return True
     except Exception as err:  # any exporter failure: a missing exporter must never fail a notebook
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        _png_state["reason"] = f"{type(err).__name__}: {reason[:120]}"
         if not _png_state["warned"]:
-            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            warnings.warn(f"PNG export unavailable ({type(err).__name__}: {reason[:120]}); HTML only. "
-                          "For PNGs: pip install 'kaleido>=1' and install Chrome/Chromium.", stacklevel=3)
+            warnings.warn(f"PNG export unavailable ({_png_state['reason']}); HTML only. {NO_PNG_HINT}",
+                          stacklevel=3)
             _png_state["warned"] = True
         return False
 
 
+def round_numbers(value, digits: int = SIGNIFICANT_DIGITS):
+    """A copy of a figure dict (as `fig.to_plotly_json()`) with every float rounded to `digits`
+    significant digits; plotly's base64 arrays ({"dtype", "bdata"}) become plain lists."""
+    if isinstance(value, dict) and "bdata" in value and "dtype" in value:
+        array = np.frombuffer(base64.b64decode(value["bdata"]), dtype=np.dtype(value["dtype"]))
+        if "shape" in value:
+            array = array.reshape([int(n) for n in str(value["shape"]).split(",")])
+        return round_numbers(array.tolist(), digits)
+    if isinstance(value, dict):
+        return {k: round_numbers(v, digits) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [round_numbers(v, digits) for v in value]
+    if isinstance(value, np.ndarray):
+        return round_numbers(value.tolist(), digits)
+    if isinstance(value, (float, np.floating)):
+        return float(f"{value:.{digits}g}")
+    return value
+
+
+_NUMBER = re.compile(r"-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?")
+
+
+def same_up_to_float_noise(old: str, new: str, rtol: float = FLOAT_NOISE) -> bool:
+    """True when the two texts are equal but for numbers that differ by less than rtol, relatively."""
+    old_parts, new_parts = _NUMBER.split(old), _NUMBER.split(new)
+    if old_parts != new_parts:
+        return False
+    return all(a == b or abs(float(a) - float(b)) <= rtol * max(abs(float(a)), abs(float(b)))
+               for a, b in zip(_NUMBER.findall(old), _NUMBER.findall(new), strict=True))
+
+
+def write_if_changed(path: Path, text: str) -> bool:
+    """Write `text` to `path` (atomically) unless the file there already says the same up to float
+    noise; returns True when it wrote. Keeps committed figures byte-stable across machines."""
+    path = Path(path)
+    if path.is_file() and same_up_to_float_noise(path.read_text(encoding="utf-8"), text):
+        return False
+    paths.replace_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    return True
+
+
+def log_figure(profile: Profile, name: str, **what) -> None:
+    """Append one line to runs/<profile>/figures.log (`make workbook` summarises it at the end).
+    what: html="written" | "kept", png="written" | "kept" | "none" | "removed stale" | "-" (no PNG kind)."""
+    log = paths.run_dir(profile) / FIGURES_LOG
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("a", encoding="utf-8") as out:
+        out.write(json.dumps({"file": name, **what}) + "\n")
+
+
+_LOADER = re.compile(r"<script[^>]*\bsrc=\"[^\"]*plotly[^\"]*\.js\"[^>]*></script>")
+
+
+def offline_fallback(stem: str) -> str:
+    """A script for right after plotly.js' <script src>: if plotly.js did not load (no network), each
+    figure's div says so and shows `<stem>.png` (or says that no PNG was saved) instead of a blank page."""
+    message = (f"<p style='font:14px sans-serif;color:#444'>This interactive figure needs plotly.js from "
+               f"cdn.plot.ly, which did not load (no network?). Its static image, {stem}.png, follows; "
+               "open the page online for the interactive figure.</p>")
+    missing = "No PNG was saved beside this page: saelab makes one only where kaleido finds Chrome."
+    image = (f"<img src='{stem}.png' alt='{stem}' style='max-width:100%' "
+             f"onerror='this.replaceWith({json.dumps(missing)})'>")
+    return ("<script>if (!window.Plotly) {  // plotly.js did not load: show the message and the PNG instead\n"
+            "  window.Plotly = {newPlot: function (id) {\n"
+            "    var div = document.getElementById(id);\n"
+            "    div.style.height = 'auto'; div.parentNode.style.height = 'auto';\n"
+            f"    div.innerHTML = {json.dumps(message + image)};\n"
+            "    return Promise.resolve(div);\n  }};\n}</script>")
+
+
+def figure_html(fig: go.Figure, stem: str, plotlyjs: str | bool = "cdn") -> str:
+    """The standalone page `save_figure` writes: numbers rounded, a fixed div id (a rerun with the same
+    numbers is byte-identical) and, when plotly.js is loaded from a file, the offline fallback."""
+    page = pio.to_html(round_numbers(fig.to_plotly_json()), include_plotlyjs=plotlyjs, full_html=True,
+                       div_id=stem, validate=False)
+    loader = _LOADER.search(page)
+    return page if loader is None else page[:loader.end()] + offline_fallback(stem) + page[loader.end():]
+
+
 def save_figure(fig: go.Figure, profile: Profile, name: str, *, plotlyjs: str = "cdn",
                 png: bool = True) -> list[Path]:
-    """Write figures/<profile>/<name>.html (and .png when possible); returns the paths written."""
+    """Write figures/<profile>/<name>.html (+ <name>.png when an exporter works); returns the files
+    that now hold this figure (the HTML, then the PNG if there is one).
+
+    The HTML is left untouched when it already shows this figure up to float noise (and so is its
+    PNG); when it is rewritten and no PNG can be made (png=False, or no kaleido/Chrome), an older
+    PNG of that name is deleted, so a PNG beside a page always shows the same figure. plotlyjs:
+    "cdn" (default; small files, offline fallback to the PNG), "directory" or True (embedded, ~4.6 MB).
+    """
     out = paths.figures_dir(profile)
     out.mkdir(parents=True, exist_ok=True)
     stem = _figure_stem(name)
-    written = [out / f"{stem}.html"]
-    # a fixed div id (plotly draws a random one) keeps a rerun with the same numbers byte-identical
-    fig.write_html(written[0], include_plotlyjs=plotlyjs, full_html=True, div_id=stem)
-    if png and _write_png(fig, out / f"{stem}.png"):
-        written.append(out / f"{stem}.png")
-    return written
+    page, image = out / f"{stem}.html", out / f"{stem}.png"
+    rewrote = write_if_changed(page, figure_html(fig, stem, plotlyjs))
+    if png and (rewrote or not image.is_file()) and _write_png(fig, image):
+        png_status = "written"
+    elif image.is_file() and rewrote:
+        image.unlink()  # made from an earlier figure: never leave it beside the new page
+        png_status = "removed stale"
+    else:
+        png_status = "kept" if image.is_file() else "none"
+    log_figure(profile, page.name, html="written" if rewrote else "kept", png=png_status,
+         reason=None if png_status in ("written", "kept") or not png else _png_state["reason"])
+    return [page, image] if image.is_file() else [page]
 
 
 def save_html(body: str, profile: Profile, name: str, title: str) -> Path:
-    """Write a non-plotly HTML fragment (e.g. highlighted examples) as a standalone page."""
+    """Write a non-plotly HTML fragment (e.g. highlighted examples) as a standalone page
+    figures/<profile>/<name>.html; returns its path. Unchanged up to float noise: not rewritten."""
     out = paths.figures_dir(profile)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{_figure_stem(name)}.html"
     page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title></head>"
             f"<body style='font-family:sans-serif'><h2>{html.escape(title)}</h2>{body}</body></html>")
-    path.write_text(page, encoding="utf-8")
+    log_figure(profile, path.name, html="written" if write_if_changed(path, page) else "kept", png="-")
     return path
 
 
@@ -136,36 +248,58 @@ def density_histogram(frequency: np.ndarray, profile: Profile, device: str | Non
         title=figure_title(f"Feature density: {len(frequency):,} features, dead (never fired): {dead:,}",
                            profile, device),
         xaxis_title="log10(firing frequency)", yaxis_title="features", bargap=0.05, showlegend=False)
+    return readable_axes(fig)
+
+
+def readable_axes(fig: go.Figure) -> go.Figure:
+    """Tick labels a reader of a shared figure can read: 0.0008 as 8×10⁻⁴, never plotly's SI '800μ'."""
+    fig.update_xaxes(exponentformat="power")
+    fig.update_yaxes(exponentformat="power")
     return fig
 
 
+def padded_range(values, low: float = 0.1, high: float = 0.1) -> list[float]:
+    """[min - low * span, max + high * span] of `values` (span >= 1e-3 x max |value|): room for labels."""
+    values = np.asarray(values, dtype=float)
+    lo, hi = float(np.nanmin(values)), float(np.nanmax(values))
+    span = max(hi - lo, 1e-3 * max(abs(lo), abs(hi), 1e-12))
+    return [lo - low * span, hi + high * span]
+
+
 def training_curves(history: pd.DataFrame, profile: Profile, device: str | None = None) -> go.Figure:
-    """The seed's three charts per epoch: validation loss, reconstruction loss (MSE), sparsity (L0)."""
-    panels = [("validation loss", ["val_loss"]), ("reconstruction loss (MSE)", ["train_mse", "val_mse"]),
-              ("sparsity: L0 (active latents per token)", ["val_l0"])]
-    fig = make_subplots(rows=1, cols=3, subplot_titles=[title for title, _ in panels])
-    for col, (_, columns) in enumerate(panels, start=1):
+    """The seed's three charts per epoch: validation loss, reconstruction loss (MSE), sparsity (L0).
+    history: one row per epoch, columns epoch, val_loss, train_mse, val_mse, val_l0 (as `train_sae`)."""
+    panels = [("validation loss", "loss (MSE + sparsity term)", ["val_loss"]),
+              ("reconstruction MSE", "MSE per activation element", ["train_mse", "val_mse"]),
+              ("sparsity (L0)", "active latents per token", ["val_l0"])]
+    fig = make_subplots(rows=1, cols=3, subplot_titles=[title for title, _, _ in panels], horizontal_spacing=0.1)
+    for col, (_, y_title, columns) in enumerate(panels, start=1):
         for column in columns:
             fig.add_trace(go.Scatter(x=history["epoch"], y=history[column], name=column, mode="lines+markers"),
                           row=1, col=col)
         fig.update_xaxes(title_text="epoch", row=1, col=col)
+        fig.update_yaxes(title_text=y_title, row=1, col=col)
     fig.update_layout(title=figure_title(f"SAE training ({profile.architecture}, {profile.d_in}->{profile.d_sae})",
-                                         profile, device), height=380, margin={"t": 110})
-    return fig
+                                         profile, device), height=420, margin={"t": 120},
+                      legend={"orientation": "h", "y": -0.25, "x": 0.5, "xanchor": "center"})
+    return readable_axes(fig)
 
 
 def architecture_comparison(table: pd.DataFrame, profile: Profile, device: str | None = None) -> go.Figure:
     """FVU against L0, one point per architecture (table index; down-left is better), labelled with CE loss
-    recovered (column ce_loss_recovered_pct, in percent)."""
+    recovered (column ce_loss_recovered_pct, in percent). Axes are padded so that no label is clipped."""
     fig = go.Figure(go.Scatter(
-        x=table["l0"], y=table["fvu"], mode="markers+text", marker={"size": 14},
+        x=table["l0"], y=table["fvu"], mode="markers+text", marker={"size": 14}, cliponaxis=False,
         text=[f"{name}<br>CE rec. {ce:.0f}%" for name, ce in zip(table.index, table["ce_loss_recovered_pct"],
                                                                   strict=True)],
         textposition="top center"))
     fig.update_layout(title=figure_title("Architectures on the same activations: sparsity vs reconstruction", profile,
                                          device), xaxis_title="L0 (active latents per token)",
-                      yaxis_title="FVU (fraction of variance unexplained)", margin={"t": 110})
-    return fig
+                      yaxis_title="FVU (fraction of variance unexplained)", margin={"t": 110, "r": 60})
+    # labels sit above each point and are ~10 characters wide: room above the highest and beside the outermost
+    fig.update_xaxes(range=padded_range(table["l0"], 0.25, 0.25))
+    fig.update_yaxes(range=padded_range(table["fvu"], 0.15, 0.45))
+    return readable_axes(fig)
 
 
 def top_features_bar(stats: pd.DataFrame, profile: Profile, device: str | None = None, *,
@@ -178,7 +312,7 @@ def top_features_bar(stats: pd.DataFrame, profile: Profile, device: str | None =
                                          "<br>max %{customdata[1]:.3g}<extra></extra>"))
     fig.update_layout(title=figure_title(f"Top {len(top)} features by {by.replace('_', ' ')}", profile, device),
                       xaxis_title="feature", yaxis_title=by.replace("_", " "))
-    return fig
+    return readable_axes(fig)
 
 
 def logit_attribution_bar(table: pd.DataFrame, feature: int, profile: Profile,
@@ -197,7 +331,7 @@ def logit_attribution_bar(table: pd.DataFrame, feature: int, profile: Profile,
                                          profile, device),
                       xaxis_title="logit change per unit activation", yaxis_title="token",
                       height=max(300, 22 * len(table) + 120))
-    return fig
+    return readable_axes(fig)
 
 
 def sweep_figure(results: pd.DataFrame, profile: Profile, device: str | None = None, *,
@@ -231,7 +365,7 @@ def sweep_figure(results: pd.DataFrame, profile: Profile, device: str | None = N
         fig.add_hline(y=true_l0, line_dash="dot", row=1, annotation_text="true L0")
     fig.add_hline(y=1.0, line_dash="dot", row=2)
     fig.update_layout(margin={"t": 110})
-    return fig
+    return readable_axes(fig)
 
 
 def highlight_tokens(tokens: list[str], activations: list[float | None], scale: float,

@@ -43,7 +43,12 @@ def _shard_rows(path: Path) -> int | None:
 
 
 class StoreWriter:
-    """Appends shards; reopening a folder with a partial store resumes after its last good shard."""
+    """Writes a store into `directory` (created if needed), shard by shard.
+
+    Reopening a folder that holds a partial store with the same model, hook, d_in, dtype and
+    metadata resumes after its last whole shard; different settings raise ValueError and leave the
+    folder as it is. dtype: the dtype shards are stored in (default "float16").
+    """
 
     def __init__(self, directory: str | os.PathLike, *, model_name: str, hook: str, d_in: int,
                  dtype: str = "float16", metadata: dict | None = None):
@@ -84,7 +89,9 @@ class StoreWriter:
         return self.manifest["complete"]
 
     def add_shard(self, activations: torch.Tensor, index: dict[str, torch.Tensor], contexts: int) -> None:
-        """Store (rows, d_in) activations with their per-row index, covering `contexts` contexts."""
+        """Write (rows, d_in) activations (cast to the store's dtype, on the CPU) with their per-row
+        index (INDEX_FIELDS, one value each per row) as the next shard, covering `contexts` contexts;
+        the manifest is rewritten after the shard, both atomically. Returns nothing."""
         if self.is_complete:
             raise RuntimeError(f"{self.directory} is already complete; delete it to recapture")
         rows, d_in = activations.shape
@@ -100,13 +107,17 @@ class StoreWriter:
         _write_json_atomically(self.directory / MANIFEST, self.manifest)
 
     def finish(self) -> ActivationStore:
+        """Mark the store complete (no more shards) and return it opened for reading."""
         self.manifest["complete"] = True
         _write_json_atomically(self.directory / MANIFEST, self.manifest)
         return ActivationStore(self.directory)
 
 
 class ActivationStore:
-    """Read side: validates the manifest against the shards before anything is loaded."""
+    """Read side of a finished store: opening it validates the manifest against the shards (row
+    counts, completeness) and, when given, the expected hook and d_in. Reading never changes the store.
+    In notebooks, open stores with `saelab.open_store(profile, split)`, which also checks the profile.
+    """
 
     def __init__(self, directory: str | os.PathLike, hook: str | None = None, d_in: int | None = None):
         self.directory = Path(directory)
@@ -142,15 +153,18 @@ class ActivationStore:
     metadata = property(lambda self: self.manifest["metadata"])
 
     def shard_paths(self) -> list[Path]:
+        """The shard files in row order."""
         return [self.directory / s["file"] for s in self.manifest["shards"]]
 
     def iter_shards(self, device: str | torch.device = "cpu"):
-        """Yields each shard as a dict: activations (rows, d_in) and the INDEX_FIELDS."""
+        """Yields each shard in row order as a dict: activations (rows, d_in) in the store's dtype and
+        the INDEX_FIELDS (rows,) int64, on `device`. One shard in memory at a time."""
         for path in self.shard_paths():
             yield load_file(path, device=str(device))
 
     def activations(self, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> torch.Tensor:
-        """All rows in one (n_rows, d_in) tensor, filled shard by shard (no second full copy)."""
+        """All rows in one (n_rows, d_in) tensor of `dtype` (default float32) on `device`, filled shard
+        by shard (no second full copy). Needs n_rows x d_in x 4 bytes: at gpt2 scale ~2 GB."""
         out = torch.empty(self.n_rows, self.d_in, dtype=dtype, device=device)
         start = 0
         for path in self.shard_paths():
@@ -161,7 +175,7 @@ class ActivationStore:
         return out
 
     def index(self) -> dict[str, torch.Tensor]:
-        """Per-row context, position and token id, concatenated over shards."""
+        """Per-row context, position and token id: a dict of three (n_rows,) int64 tensors."""
         parts = {k: [] for k in INDEX_FIELDS}
         for path in self.shard_paths():
             with safe_open(path, "pt") as shard:
@@ -170,4 +184,5 @@ class ActivationStore:
         return {k: torch.cat(v) if v else torch.empty(0, dtype=torch.int64) for k, v in parts.items()}
 
     def size_bytes(self) -> int:
+        """Bytes of the shard files on disk."""
         return sum(p.stat().st_size for p in self.shard_paths())

@@ -1,14 +1,18 @@
 """Streaming MAE against brute force on small stores written here."""
 
 import math
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
+from tiny import tiny_fixture, tiny_tokens_root_fixture  # noqa: F401  (fixtures)
 
 from saelab.analysis import logit_attribution, max_activating, top_features, top_logit_tokens, unembedding
 from saelab.sae import SAE, sae_for
 from saelab.store import StoreWriter
+
+ROOT = Path(__file__).resolve().parent.parent
 
 PAD = 99
 
@@ -108,6 +112,11 @@ def test_bad_input_gets_a_clear_error(tmp_path):
     x[5, 1] = float("nan")
     with pytest.raises(ValueError, match="non-finite"):
         max_activating(SAE(3, 8), write_store(tmp_path / "nan", x, [8]), progress=False)
+    for k in (0, -1, 2.5):  # k=0 used to raise a bare IndexError deep inside topk
+        with pytest.raises(ValueError, match=f"k={k}: the number of examples"):
+            max_activating(SAE(3, 8), store, k=k, progress=False)
+    with pytest.raises(ValueError, match="chunk_rows=0"):
+        max_activating(SAE(3, 8), store, chunk_rows=0, progress=False)
 
 
 def test_top_features_orders_by_column_then_feature_id(tmp_path):
@@ -154,3 +163,88 @@ def test_logit_attribution_is_the_same_with_ln_final_folded_or_not():
         expected = logit_attribution(sae, unembedding(unfolded), f)
         assert torch.allclose(logit_attribution(sae, unembedding(folded), f), expected, atol=1e-6)
         assert not torch.allclose(logit_attribution(sae, unfolded.W_U, f), expected, atol=1e-4)  # scale matters
+
+
+def saelens_folder(path, d_in, d_sae, hook="blocks.6.hook_resid_pre", model="offline-tiny", apply_b_dec=False,
+                   **metadata):
+    """An SAE folder written by SAELens itself (its own save_model), biases non-zero so they count."""
+    from sae_lens import StandardSAE, StandardSAEConfig
+    from sae_lens.saes.sae import SAEMetadata
+
+    cfg = StandardSAEConfig(d_in=d_in, d_sae=d_sae, apply_b_dec_to_input=apply_b_dec,
+                            metadata=SAEMetadata(hook_name=hook, model_name=model, **metadata))
+    reference = StandardSAE(cfg)
+    with torch.no_grad():
+        reference.b_enc.copy_(torch.randn(d_sae) * 0.1)
+        reference.b_dec.copy_(torch.randn(d_in))
+    reference.save_model(path)
+    return reference
+
+
+def test_load_sae_reads_a_folder_saelens_wrote_and_encodes_as_saelens(tmp_path):
+    from saelab.analysis import load_sae
+    from saelab.config import OFFLINE
+
+    reference = saelens_folder(tmp_path / "jb", OFFLINE.d_in, 96, hook=OFFLINE.hook)
+    sae = load_sae(OFFLINE.replace(sae_path=str(tmp_path / "jb")))
+    x = torch.randn(7, OFFLINE.d_in)
+    with torch.no_grad():
+        assert torch.allclose(sae.encode(x), reference.encode(x), atol=1e-5)
+        assert torch.allclose(sae(x).x_hat, reference(x), atol=1e-5)
+    assert sae.d_sae == 96 and sae.metadata["hook_name"] == OFFLINE.hook
+
+
+def test_load_sae_defaults_to_notebook_03s_sae(tmp_path):
+    from saelab import paths
+    from saelab.analysis import load_sae
+    from saelab.config import OFFLINE
+
+    SAE(OFFLINE.d_in, 32, metadata={"hook_name": OFFLINE.hook}).save(paths.sae_dir(OFFLINE))
+    assert load_sae(OFFLINE).d_sae == 32
+
+
+def test_load_sae_refuses_what_it_cannot_analyse_faithfully(tmp_path):
+    from saelab.analysis import load_sae
+    from saelab.config import OFFLINE
+
+    with pytest.raises(FileNotFoundError, match="sae_path='nowhere' is not a folder"):
+        load_sae(OFFLINE.replace(sae_path="nowhere"))
+    saelens_folder(tmp_path / "wide", 768, 16, hook=OFFLINE.hook)
+    with pytest.raises(ValueError, match="d_in=768.*d_in=64"):
+        load_sae(OFFLINE.replace(sae_path=str(tmp_path / "wide")))
+    saelens_folder(tmp_path / "l7", OFFLINE.d_in, 16, hook="blocks.7.hook_resid_pre")
+    with pytest.raises(ValueError, match="'blocks.7.hook_resid_pre'.*hook='blocks.7.hook_resid_pre'"):
+        load_sae(OFFLINE.replace(sae_path=str(tmp_path / "l7")))
+    saelens_folder(tmp_path / "gpt2", OFFLINE.d_in, 16, hook=OFFLINE.hook, model="gpt2-small")
+    with pytest.warns(UserWarning, match="'gpt2-small'"):
+        load_sae(OFFLINE.replace(sae_path=str(tmp_path / "gpt2")))
+    with pytest.warns(UserWarning, match="from_pretrained_kwargs"):  # SAELens' own note on such SAEs
+        saelens_folder(tmp_path / "centred", OFFLINE.d_in, 16, hook=OFFLINE.hook,
+                       model_from_pretrained_kwargs={"center_writing_weights": True})
+    with pytest.warns(UserWarning, match="center_writing_weights"):
+        load_sae(OFFLINE.replace(sae_path=str(tmp_path / "centred")))
+    # SAELens' default, x - b_dec before encoding, is applied
+    saelens_folder(tmp_path / "bdec", OFFLINE.d_in, 16, hook=OFFLINE.hook, apply_b_dec=True)
+    assert load_sae(OFFLINE.replace(sae_path=str(tmp_path / "bdec"))).apply_b_dec_to_input is True
+
+
+def test_notebook_04_analyses_a_folder_saelens_wrote(tiny, tmp_path, monkeypatch):
+    """The issue's 'done when': notebook 04 runs on an SAE folder made by SAELens on the offline shape."""
+    import nbformat
+    from nbclient import NotebookClient
+
+    from saelab import paths
+    from saelab.capture import capture_activations
+
+    capture_activations(tiny, "mae", "cpu", progress=False)
+    saelens_folder(tmp_path / "saelens_sae", tiny.d_in, 96, hook=tiny.hook, model=tiny.model_name)
+    profile = tiny.replace(sae_path=str(tmp_path / "saelens_sae"), dashboard_features=3)
+    (tmp_path / "profile.json").write_text(profile.to_json())
+    monkeypatch.setenv("SAELAB_PROFILE", str(tmp_path / "profile.json"))
+    notebook = nbformat.read(ROOT / "notebooks" / "04_mae_analysis.ipynb", as_version=4)
+    NotebookClient(notebook, timeout=600, kernel_name="python3",
+                   resources={"metadata": {"path": str(ROOT / "notebooks")}}).execute()
+    figures = paths.figures_dir(profile)
+    assert len(list((figures / "dashboards").glob("feature_*.html"))) == 3
+    assert "SAE saelens_sae" in (figures / "04_top_features.html").read_text()  # titles name the SAE analysed
+    assert not paths.sae_dir(profile).exists()  # no notebook-03 SAE was needed

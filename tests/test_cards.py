@@ -61,6 +61,8 @@ def test_feature_card_renders_and_checks_its_input(tmp_path):
     card = feature_card(3, explorer)
     page = card._repr_html_()
     assert "Feature 3" in page and "offline" in page and "random-weight" in page
+    assert "firing_pct" in page and "frequency" not in page  # one unit per quantity, as the tables
+    assert repr(card).startswith("Feature 3: fires on ") and "top example tokens ' c'" in repr(card)
     assert card.logits.iloc[0]["token"] == " c"  # feature 3's direction promotes token 3 most
     with pytest.raises(ValueError, match="out of range"):
         feature_card(99, explorer)
@@ -75,3 +77,6 @@ def test_public_names_resolve_lazily():
 
     assert saelab.feature_card is feature_card and saelab.FeatureExplorer is FeatureExplorer
     assert saelab.max_activating is analysis.max_activating and saelab.save_figure is plots.save_figure
+    from saelab import dashboards
+
+    assert saelab.load_sae is analysis.load_sae and saelab.write_dashboards is dashboards.write_dashboards

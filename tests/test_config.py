@@ -169,3 +169,11 @@ def test_device_description_names_the_machine(monkeypatch):
     monkeypatch.setattr(config.os, "cpu_count", lambda: 2)
     assert config.describe_device("cpu") == "cpu (2-core CPU)"
     assert "2-core CPU" in OFFLINE.banner("cpu")
+
+
+def test_dir_lists_the_public_names_without_importing_them():
+    code = ("import sys, saelab; names = dir(saelab); "
+            "heavy = {'torch', 'transformer_lens', 'datasets', 'wandb'} & set(sys.modules); "
+            "print(sorted(heavy), 'train_sae' in names, 'load_profile' in names, 'import_module' in names)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["[]", "True", "True", "False"]

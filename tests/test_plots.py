@@ -1,5 +1,9 @@
 """Figure builders name profile and device; save_figure writes small HTML, PNG optional."""
 
+import json
+import re
+import shutil
+import subprocess
 import sys
 import types
 
@@ -139,3 +143,97 @@ def test_interpretability_comparison_shows_each_method_with_its_interval():
     assert list(auc.error_y.arrayminus) == pytest.approx([0.1, 0.1]) and list(dots.text) == list(probing["concept"])
     assert fig.layout.yaxis.range[0] < 0.35  # a concept below chance stays on the chart
     assert "offline" in fig.layout.title.text and "cpu" in fig.layout.title.text
+
+
+def test_training_curves_have_short_titles_y_titles_and_no_si_ticks():
+    history = pd.DataFrame({"epoch": [1, 2], "val_loss": [8e-4, 7e-4], "train_mse": [6e-4, 5e-4],
+                            "val_mse": [6.5e-4, 5.5e-4], "val_l0": [30.0, 12.0]})
+    fig = plots.training_curves(history, load_profile("offline"), "cpu")
+    y_axes = [fig.layout[name] for name in ("yaxis", "yaxis2", "yaxis3")]
+    assert all(axis.title.text for axis in y_axes)  # every panel says what its y is
+    # each subplot title fits its third of a PNG_WIDTH figure (~9 px per character at plotly's 16 px)
+    titles = [a.text for a in fig.layout.annotations]
+    assert len(titles) == 3 and all(9 * len(t) < plots.PNG_WIDTH / 3 - 40 for t in titles)
+    axes = [fig.layout[k] for k in fig.layout if k.startswith(("xaxis", "yaxis"))]
+    assert len(axes) == 6 and all(axis.exponentformat == "power" for axis in axes)  # 8×10⁻⁴, never "800μ"
+
+
+def test_architecture_comparison_leaves_room_for_labels_above_and_beside_the_points():
+    table = pd.DataFrame({"l0": [10.0, 4.0, 7.0], "fvu": [0.2, 0.3, 0.25], "ce_loss_recovered_pct": [90.0, 75, 80]},
+                         index=pd.Index(["tied", "topk", "standard"], name="architecture"))
+    fig = plots.architecture_comparison(table, load_profile("offline"), "cpu")
+    (x_lo, x_hi), (y_lo, y_hi) = fig.layout.xaxis.range, fig.layout.yaxis.range
+    assert x_lo < 4.0 - 1 and x_hi > 10.0 + 1  # a quarter of the L0 span on each side
+    assert y_hi > 0.3 + 0.04 and y_lo < 0.2  # labels sit above the points: more room on top
+    assert fig.data[0].cliponaxis is False
+
+
+def test_saved_numbers_are_rounded_and_noise_does_not_rewrite_a_file():
+    profile = load_profile("offline")
+    page = paths.figures_dir(profile) / "03_noise.html"
+
+    def save(y):
+        return plots.save_figure(go.Figure(go.Scatter(x=np.arange(2), y=np.array(y))), profile, "03_noise", png=False)
+
+    save([0.19943817, 12345.678])
+    first = page.read_text()
+    assert "[0.1994,12350.0]" in first and "bdata" not in first  # 4 significant digits, as plain text
+    save([0.19951, 12344.0])  # another machine's float noise: 0.1994 -> 0.1995
+    assert page.read_text() == first
+    save([0.25, 12345.678])  # a real change
+    assert "[0.25,12350.0]" in page.read_text()
+    log = [json.loads(line) for line in (paths.run_dir(profile) / plots.FIGURES_LOG).read_text().splitlines()]
+    assert [e["html"] for e in log] == ["written", "kept", "written"]
+
+
+def test_same_up_to_float_noise():
+    assert plots.same_up_to_float_noise("a 0.1994 b [1, 2e-05]", "a 0.1995 b [1, 2.01e-05]")
+    assert not plots.same_up_to_float_noise("a 0.1994 b", "a 0.25 b")  # a real change
+    assert not plots.same_up_to_float_noise("a 0.1994 b", "a 0.1994 c")  # text changed
+    assert not plots.same_up_to_float_noise("[1, 2]", "[1, 2, 3]")
+
+
+def test_page_shows_a_message_and_the_png_when_plotly_js_cannot_load():
+    profile = load_profile("offline")
+    page = plots.save_figure(go.Figure(go.Bar(x=[1], y=[2])), profile, "04_fallback", png=False)[0].read_text()
+    loader, fallback, plot = page.index("cdn.plot.ly"), page.index("if (!window.Plotly)"), page.index("Plotly.newPlot(")
+    assert loader < fallback < plot  # runs after the CDN script failed, before the figure is drawn
+    assert "did not load" in page and "04_fallback.png" in page and "No PNG was saved" in page
+
+
+def fake_exporter(monkeypatch, works: bool):
+    def write_image(self, path, **kwargs):
+        if not works:
+            raise RuntimeError("no Chrome")
+        open(path, "wb").write(b"png")
+
+    fake = types.SimpleNamespace(start_sync_server=lambda **kw: None, stop_sync_server=lambda **kw: None)
+    monkeypatch.setitem(sys.modules, "kaleido", fake)
+    monkeypatch.setattr(plots, "_find_chrome", lambda: "/usr/bin/chromium")
+    monkeypatch.setattr(go.Figure, "write_image", write_image)
+
+
+def test_a_png_never_stays_beside_a_newer_page(monkeypatch, fresh_png_state):
+    profile = load_profile("offline")
+    png = paths.figures_dir(profile) / "04_stale.png"
+    fake_exporter(monkeypatch, works=True)
+    assert plots.save_figure(go.Figure(go.Bar(y=[1.0])), profile, "04_stale")[1] == png
+    fake_exporter(monkeypatch, works=False)
+    kept = plots.save_figure(go.Figure(go.Bar(y=[1.0001])), profile, "04_stale")  # float noise: same figure
+    assert kept[1] == png and png.read_bytes() == b"png"
+    with pytest.warns(UserWarning, match="no Chrome"):
+        written = plots.save_figure(go.Figure(go.Bar(y=[2.0])), profile, "04_stale")  # a new figure, no PNG
+    assert written == [paths.figures_dir(profile) / "04_stale.html"] and not png.exists()
+    log = [json.loads(line) for line in (paths.run_dir(profile) / plots.FIGURES_LOG).read_text().splitlines()]
+    assert [e["png"] for e in log] == ["written", "kept", "removed stale"] and "no Chrome" in log[-1]["reason"]
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="needs a headless Chromium (apt-get install chromium)")
+def test_offline_page_renders_the_message_and_png_in_chromium(tmp_path):
+    profile = load_profile("offline")
+    page = plots.save_figure(go.Figure(go.Bar(x=[1], y=[2])), profile, "04_chromium", png=False)[0]
+    # as with no network: the CDN address points nowhere
+    page.write_text(re.sub(r"https://cdn\.plot\.ly/[^\"]+", "http://127.0.0.1:9/plotly.min.js", page.read_text()))
+    dom = subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom", page.as_uri()],
+                         capture_output=True, text=True, timeout=120).stdout
+    assert "did not load" in dom and "No PNG was saved" in dom

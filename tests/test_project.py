@@ -50,9 +50,9 @@ def test_notebook_follows_the_conventions(path):
 
 FLOORS = {  # STYLE.md: each module imports only from its own floor or below
     1: {"sae", "architectures", "loss", "metrics", "synthetic"},  # pure tensor code: no files, no model
-    2: {"config", "paths", "store", "plots", "batching", "checkpoint", "tracking", "step"},
+    2: {"config", "paths", "store", "plots", "batching", "checkpoint", "tracking", "step", "tables"},
     3: {"corpus", "data", "lm", "analysis", "concepts", "baselines", "interpret"},
-    4: {"capture", "train", "compare", "cards", "ground_truth", "workbook"},
+    4: {"capture", "train", "compare", "cards", "dashboards", "ground_truth", "workbook"},
 }
 
 
@@ -83,3 +83,20 @@ def test_every_module_has_a_floor_and_imports_only_from_below():
     upward = {(m, i) for m in modules for i in saelab_imports(ROOT / "saelab" / f"{m}.py")
               if floor_of[i] > floor_of[m]}
     assert not upward, f"imports from a higher floor: {sorted(upward)}"
+
+
+DOCUMENTED = ("analysis", "cards", "store", "capture", "dashboards")  # issue 11: help() says what each does
+
+
+@pytest.mark.parametrize("module", DOCUMENTED)
+def test_public_functions_and_methods_have_a_docstring(module):
+    import importlib
+    import inspect
+
+    mod = importlib.import_module(f"saelab.{module}")
+    public = [(name, obj) for name, obj in vars(mod).items() if not name.startswith("_")
+              and (inspect.isfunction(obj) or inspect.isclass(obj)) and obj.__module__ == mod.__name__]
+    public += [(f"{cls}.{name}", obj) for cls, owner in list(public) if inspect.isclass(owner)
+               for name, obj in vars(owner).items() if not name.startswith("_") and inspect.isfunction(obj)]
+    bare = [name for name, obj in public if len(inspect.getdoc(obj) or "") < 20]
+    assert not bare, f"saelab.{module}: give these a docstring (what they do, return, defaults): {bare}"
