@@ -17,6 +17,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from saelab.devices import accumulator_dtype, device_of, module_on
 from saelab.sae import SAE
 from saelab.store import INDEX_FIELDS, ActivationStore
 
@@ -53,11 +54,12 @@ def _unkey(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def feature_stats(totals: torch.Tensor, counts: torch.Tensor, max_values: torch.Tensor,
                   n_tokens: int) -> pd.DataFrame:
     """Per-feature table: total activation, firing frequency, max, mean when active (NaN if never)."""
+    totals, counts, max_values = totals.cpu().double(), counts.cpu(), max_values.cpu().double()  # float64 on the CPU
     frame = pd.DataFrame({
-        "total_activation": totals.double().cpu().numpy(),
-        "frequency": (counts.double() / max(n_tokens, 1)).cpu().numpy(),
-        "n_active": counts.cpu().numpy(),
-        "max_activation": max_values.double().cpu().numpy(),
+        "total_activation": totals.numpy(),
+        "frequency": (counts.double() / max(n_tokens, 1)).numpy(),
+        "n_active": counts.numpy(),
+        "max_activation": max_values.numpy(),
     })
     frame["mean_when_active"] = frame["total_activation"] / frame["n_active"].where(frame["n_active"] > 0)
     frame.index.name = "feature"
@@ -68,7 +70,7 @@ class _Running:
     """Running top-k keys per feature and the statistics' sums, all kept on the device."""
 
     def __init__(self, k: int, d_sae: int, device: torch.device):
-        acc = torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
+        acc = accumulator_dtype(device)  # float64, float32 on MPS (no float64 there)
         self.k = k
         self.keys = torch.full((k, d_sae), -1, dtype=torch.int64, device=device)  # -1: no example yet
         self.totals = torch.zeros(d_sae, dtype=acc, device=device)
@@ -84,14 +86,15 @@ class _Running:
 
 
 @torch.no_grad()
-def max_activating(sae: SAE, store: ActivationStore, k: int = 5, *, device: str | torch.device = "cpu",
+def max_activating(sae: SAE, store: ActivationStore, k: int = 5, *, device: str | torch.device | None = None,
                    chunk_rows: int = 4096, exclude_token_ids: set[int] | None = None,
                    progress: bool = True) -> MAEResult:
     """One streaming pass: top-k store rows per feature and per-feature statistics.
 
-    Rows whose token id is in `exclude_token_ids` (e.g. a pad id) are skipped entirely: they
-    are never examples and do not count as tokens. Packed token data has no pads, so the
-    default excludes nothing.
+    Encodes on `device` (default: where the SAE lives; an SAE elsewhere is copied there, the
+    caller's is not moved). Results are on the CPU. Rows whose token id is in `exclude_token_ids`
+    (e.g. a pad id) are skipped entirely: they are never examples and do not count as tokens.
+    Packed token data has no pads, so the default excludes nothing.
     """
     if store.d_in != sae.d_in:
         raise ValueError(f"store has d_in={store.d_in} but the SAE expects {sae.d_in}; "
@@ -104,8 +107,8 @@ def max_activating(sae: SAE, store: ActivationStore, k: int = 5, *, device: str 
         raise ValueError(f"the store at {store.directory} holds no rows; rerun notebook 02")
     if store.n_rows >= _LOW:
         raise ValueError(f"{store.n_rows} rows exceed the 2^32 rows a key can number; split the store")
-    device = torch.device(device)
-    sae = sae.to(device).eval()
+    device = device_of(sae) if device is None else torch.device(device)
+    sae = module_on(sae, device)
     running, excluded = _Running(k, sae.d_sae, device), torch.tensor(sorted(exclude_token_ids or []))
     index, first_row, n_tokens = {f: [] for f in INDEX_FIELDS}, 0, 0
     for shard in tqdm(store.iter_shards(), total=len(store.shard_paths()), desc="MAE", disable=not progress):
