@@ -133,5 +133,8 @@ if __name__ == "__main__":
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--peak-tflops", type=float, default=0.0, help="card's dense TF32 peak, for MFU")
     parser.add_argument("--worker", choices=["saelab", "saelens"], help=argparse.SUPPRESS)
+    parser.add_argument("--smoke", action="store_true", help="seconds: tiny sizes, 1 round (make test runs it)")
     args = parser.parse_args()
+    if args.smoke:
+        args.d_in, args.d_sae, args.batch, args.steps, args.warmup, args.rounds = 16, 64, 32, 3, 1, 1
     worker(args) if args.worker else main(args)
