@@ -56,7 +56,7 @@ def card() -> tuple[str, float]:
 
 
 def main(args) -> int:
-    out = Path(args.out)
+    out = Path(args.out).resolve()  # the steps run from the repository root
     out.mkdir(parents=True, exist_ok=True)
     device = "cpu" if args.smoke else "cuda"
     name, peak = card()

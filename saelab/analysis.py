@@ -21,6 +21,7 @@ from tqdm import tqdm  # text bars: a saved notebook keeps their last line (tqdm
 
 from saelab import paths
 from saelab.config import Profile
+from saelab.devices import accumulator_dtype, device_of, module_on
 from saelab.lm import LM_SETTINGS
 from saelab.sae import CFG_FILENAME, SAE, WEIGHTS_FILENAME
 from saelab.store import INDEX_FIELDS, ActivationStore
@@ -60,11 +61,12 @@ def feature_stats(totals: torch.Tensor, counts: torch.Tensor, max_values: torch.
     """Per-feature table from (d_sae,) sums: one row per feature (index "feature"), columns
     total_activation, frequency (fraction of the n_tokens on which it fired, 0..1), n_active,
     max_activation and mean_when_active (NaN for a feature that never fired)."""
+    totals, counts, max_values = totals.cpu().double(), counts.cpu(), max_values.cpu().double()  # float64 on the CPU
     frame = pd.DataFrame({
-        "total_activation": totals.double().cpu().numpy(),
-        "frequency": (counts.double() / max(n_tokens, 1)).cpu().numpy(),
-        "n_active": counts.cpu().numpy(),
-        "max_activation": max_values.double().cpu().numpy(),
+        "total_activation": totals.numpy(),
+        "frequency": (counts.double() / max(n_tokens, 1)).numpy(),
+        "n_active": counts.numpy(),
+        "max_activation": max_values.numpy(),
     })
     frame["mean_when_active"] = frame["total_activation"] / frame["n_active"].where(frame["n_active"] > 0)
     frame.index.name = "feature"
@@ -75,7 +77,7 @@ class _Running:
     """Running top-k keys per feature and the statistics' sums, all kept on the device."""
 
     def __init__(self, k: int, d_sae: int, device: torch.device):
-        acc = torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
+        acc = accumulator_dtype(device)  # float64, float32 on MPS (no float64 there)
         self.k = k
         self.keys = torch.full((k, d_sae), -1, dtype=torch.int64, device=device)  # -1: no example yet
         self.totals = torch.zeros(d_sae, dtype=acc, device=device)
@@ -91,15 +93,15 @@ class _Running:
 
 
 @torch.no_grad()
-def max_activating(sae: SAE, store: ActivationStore, k: int = 5, *, device: str | torch.device = "cpu",
+def max_activating(sae: SAE, store: ActivationStore, k: int = 5, *, device: str | torch.device | None = None,
                    chunk_rows: int = 4096, exclude_token_ids: set[int] | None = None,
                    progress: bool = True) -> MAEResult:
     """One streaming pass over `store`: the top-k store rows of every feature and per-feature statistics.
 
-    sae: encodes each chunk; it is moved to `device` and put in eval mode (in place, as
-        `nn.Module.to`). Its d_in (and hook, when its cfg names one) must match the store's.
+    sae: encodes each chunk. Its d_in (and hook, when its cfg names one) must match the store's.
     k: examples kept per feature (notebook 04: profile.mae_top_k, the seed's 5); k >= 1.
-    device: where chunks are encoded (default "cpu"; pass "cuda" on a GPU). The store is read on the CPU.
+    device: where chunks are encoded (default: where the SAE lives; an SAE elsewhere is copied there,
+        the caller's is not moved). The store is read on the CPU; results come back on the CPU.
     chunk_rows: rows encoded at once; memory is O(chunk_rows x d_sae + d_sae x k).
     exclude_token_ids: rows with these token ids (e.g. a pad id) are skipped entirely: never
         examples, not counted as tokens. Packed token data has no pads: the default excludes nothing.
@@ -125,8 +127,8 @@ def max_activating(sae: SAE, store: ActivationStore, k: int = 5, *, device: str 
         raise ValueError(f"the store at {store.directory} holds no rows; rerun notebook 02")
     if store.n_rows >= _LOW:
         raise ValueError(f"{store.n_rows} rows exceed the 2^32 rows a key can number; split the store")
-    device = torch.device(device)
-    sae = sae.to(device).eval()
+    device = device_of(sae) if device is None else torch.device(device)
+    sae = module_on(sae, device)
     running, excluded = _Running(k, sae.d_sae, device), torch.tensor(sorted(exclude_token_ids or []))
     index, first_row, n_tokens = {f: [] for f in INDEX_FIELDS}, 0, 0
     for shard in tqdm(store.iter_shards(), total=len(store.shard_paths()), desc="MAE", disable=not progress):

@@ -1,11 +1,24 @@
 """Notebook 02: run the LM over the token contexts and stream one hook's activations to a store.
 
-One forward pass per batch of `capture_batch_size` contexts, stopped right after the hooked
-block (`stop_at_layer=layer + 1`: later layers would be wasted work), under inference_mode.
-Rows are buffered on the CPU and flushed as a shard at the first batch boundary where the
-buffer holds >= `shard_rows` rows, so shard boundaries depend only on the data: a capture
-resumed after a kill writes the same shards as one that never stopped. Host memory is bounded
-by one shard plus one batch, whatever the number of documents.
+One forward pass per batch of contexts, stopped right after the hooked block
+(`stop_at_layer=layer + 1`: later layers would be wasted work), under inference_mode. Each batch's
+rows are cast to the store dtype on the device and copied to the host. A shard holds
+ceil(shard_rows / rows per context) whole contexts, so shard boundaries depend on the profile and
+the data only, not on the batch size: a capture resumed after a kill, run on another device or
+with a smaller batch writes the same shards as one that never stopped. Host memory is bounded by
+about one shard plus one batch, whatever the number of documents.
+
+Device (saelab.devices): given `lm`, capture runs where the LM lives (a `device` naming another is
+an error: the LM is never copied); without one, `load_lm` puts the model on `device`.
+On CUDA:
+- the batch grows to CUDA_TOKENS_PER_PASS tokens when free GPU memory holds it (`capture_batch`);
+- the copy to the host is pinned and non-blocking, and the host writes a shard only once the
+  copies into it have landed (a CUDA event), while the GPU already runs the next batch;
+- matmuls run in TF32 when the store is float16/bfloat16: those keep 10/7 mantissa bits, TF32 10,
+  so the store loses little; a float32 store gets float32 matmuls;
+- out of GPU memory, the batch is halved and the same contexts retried, with a warning naming
+  `batch_size`; at one context it stops with an error that says what to do. Shards already
+  written are kept, and rerunning resumes after them.
 """
 
 from __future__ import annotations
@@ -13,6 +26,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import warnings
 
 import torch
 from tqdm import tqdm  # text bars: tqdm.auto needs ipywidgets in Jupyter
@@ -20,14 +34,18 @@ from tqdm import tqdm  # text bars: tqdm.auto needs ipywidgets in Jupyter
 from saelab import paths
 from saelab.config import Profile, default_device
 from saelab.data import load_tokens, read_info, token_settings
+from saelab.devices import check_device, tf32_matmuls
 from saelab.lm import LM_SETTINGS, check_hook, load_lm
-from saelab.store import DTYPES, MANIFEST, ActivationStore, StoreWriter
+from saelab.store import DTYPES, INDEX_FIELDS, MANIFEST, ActivationStore, StoreWriter
 
 STATS = "capture_stats.json"  # throughput of the last capture run; not part of the store's identity
 # notebook 02's plots: 64 contexts give stable 10/90% norm quantiles per position in one forward pass;
 # 200k values draw a smooth 200-bin histogram while the figure file stays small (it is binned first)
 NORM_PLOT_CONTEXTS = 64
 VALUE_SAMPLE_SIZE = 200_000
+# tokens per forward pass on CUDA: 512 GPT-2 contexts of 128. An H100 is busy at this size; larger
+# batches only hold more memory (capture_batch_size stays the batch on CPU and MPS)
+CUDA_TOKENS_PER_PASS = 65_536
 
 
 def store_metadata(profile: Profile, split: str, lm) -> dict:
@@ -81,61 +99,149 @@ def open_store(profile: Profile, split: str = "train") -> ActivationStore:
     return store
 
 
-def batch_rows(acts: torch.Tensor, ids: torch.Tensor, first_context: int, skip_first: bool):
-    """(batch, pos, d_in) activations and (batch, pos) token ids -> (rows, d_in) activations and the
-    per-row index dict (context numbered from first_context, position, token_id), position 0 dropped
-    when skip_first. The inputs are not changed."""
+def row_index(ids: torch.Tensor, first_context: int, skip_first: bool) -> dict[str, torch.Tensor]:
+    """(batch, pos) token ids -> each stored row's context, position and token id, position 0 dropped if asked."""
     start = 1 if skip_first else 0
     batch, pos = ids.shape
-    acts, ids = acts[:, start:], ids[:, start:]  # (batch, pos - start, d_in), (batch, pos - start)
     context = torch.arange(first_context, first_context + batch).repeat_interleave(pos - start)
     position = torch.arange(start, pos).repeat(batch)
-    return acts.reshape(-1, acts.shape[-1]), {"context": context, "position": position, "token_id": ids.reshape(-1)}
+    return {"context": context, "position": position, "token_id": ids[:, start:].reshape(-1)}
+
+
+def capture_batch(profile: Profile, lm, device: torch.device) -> int:
+    """Contexts per forward pass: capture_batch_size on CPU and MPS. On CUDA, CUDA_TOKENS_PER_PASS
+    tokens' worth if half the free GPU memory holds such a pass (estimated), never fewer than
+    capture_batch_size; a pass that still runs out of memory is halved (capture_activations)."""
+    if device.type != "cuda":
+        return profile.capture_batch_size
+    cfg, pos = lm.cfg, profile.context_size
+    # float32 bytes alive at once inside one block per context, x2 for temporaries: residual, q, k, v and
+    # attention output (6 x d_model), MLP hidden and its activation (2 x d_mlp), scores and pattern (2 x heads x pos)
+    per_context = 2 * 4 * pos * (6 * cfg.d_model + 2 * cfg.d_mlp + 2 * cfg.n_heads * pos)
+    free, _ = torch.cuda.mem_get_info(device)
+    return max(profile.capture_batch_size, min(CUDA_TOKENS_PER_PASS // pos, free // 2 // per_context))
+
+
+def hook_rows(lm, ids: torch.Tensor, profile: Profile, device: torch.device) -> torch.Tensor:
+    """(batch, pos) token ids on the CPU -> (batch * stored positions, d_in) hook activations in the
+    store dtype, on `device`. On CUDA nothing here waits for the GPU."""
+    if device.type == "cuda":  # a pageable copy would wait for the GPU to finish the previous batch
+        ids = ids.pin_memory().to(device, non_blocking=True)
+    _, cache = lm.run_with_cache(ids.to(device), names_filter=[profile.hook], stop_at_layer=profile.layer + 1)
+    acts = cache[profile.hook][:, int(profile.exclude_first_position):]  # (batch, stored positions, d_in)
+    return acts.to(DTYPES[profile.store_dtype]).reshape(-1, acts.shape[-1])  # cast here: fp16 halves the copy
+
+
+class ShardBuffer:
+    """Rows on their way to the store, written as shards of whole contexts in context order."""
+
+    def __init__(self, writer: StoreWriter, profile: Profile):
+        self.writer = writer
+        self.rows_per_context = profile.context_size - int(profile.exclude_first_position)
+        self.contexts_per_shard = -(-profile.shard_rows // self.rows_per_context)
+        self.parts: list[tuple[torch.Tensor, dict, torch.cuda.Event | None]] = []  # rows, index, copy done
+        self.contexts = 0
+
+    def add(self, rows: torch.Tensor, index: dict[str, torch.Tensor], contexts: int) -> None:
+        """Start copying one batch's rows to the host, then write the shards the earlier batches
+        filled: on CUDA the GPU computes and copies this batch while the host writes."""
+        done = None
+        if rows.is_cuda:  # into pinned host memory: the copy runs without blocking the host
+            host, done = torch.empty(rows.shape, dtype=rows.dtype, pin_memory=True), torch.cuda.Event()
+            host.copy_(rows, non_blocking=True)
+            done.record(torch.cuda.current_stream(rows.device))
+            rows = host  # not to be read before done.synchronize()
+        self.write()
+        self.parts.append((rows.cpu(), index, done))  # .cpu(): MPS copies here; CPU and pinned rows stay
+        self.contexts += contexts
+
+    def write(self, final: bool = False) -> None:
+        """Write every full shard; with `final`, the rest as a last, shorter shard."""
+        sizes = [self.contexts_per_shard] * (self.contexts // self.contexts_per_shard)
+        if final and self.contexts % self.contexts_per_shard:
+            sizes.append(self.contexts % self.contexts_per_shard)
+        if not sizes:
+            return
+        for _, _, done in self.parts:
+            if done is not None:
+                done.synchronize()  # the non-blocking copies must have landed before the rows are read
+        rows = torch.cat([p[0] for p in self.parts])  # (rows, d_in)
+        index = {k: torch.cat([p[1][k] for p in self.parts]) for k in INDEX_FIELDS}
+        start = 0
+        for contexts in sizes:
+            stop = start + contexts * self.rows_per_context
+            self.writer.add_shard(rows[start:stop], {k: v[start:stop] for k, v in index.items()}, contexts)
+            start = stop
+        rest = (rows[start:].clone(), {k: v[start:].clone() for k, v in index.items()}, None)  # frees the rest of rows
+        self.parts = [rest] if start < len(rows) else []
+        self.contexts -= sum(sizes)
+
+
+def _open_writer(profile: Profile, split: str, lm) -> StoreWriter:
+    directory = paths.store_dir(profile, split)
+    identity = _expected(profile, split) | {"metadata": store_metadata(profile, split, lm)}
+    try:
+        return StoreWriter(directory, **identity)
+    except ValueError as err:  # a store of other settings: say which folder to delete and what to rerun
+        stored = json.loads((directory / MANIFEST).read_text())
+        raise ValueError(stale_store_message(profile, split, differences(stored, identity) or [str(err)])) from err
+
+
+def _out_of_memory(profile: Profile, split: str, device: torch.device, writer: StoreWriter) -> str:
+    return (f"CUDA ran out of memory on {device} even at one context ({profile.context_size} tokens) per forward "
+            "pass, after halving the batch (capture_batch_size, or batch_size=) down to 1: free the GPU memory that "
+            "other work holds (another notebook, an SAE or activations left on the GPU) or capture on the CPU "
+            f"(device='cpu'). The {len(writer.manifest['shards'])} shards already written to "
+            f"{paths.store_dir(profile, split)} are kept: rerunning resumes after them.")
 
 
 @torch.inference_mode()
 def capture_activations(profile: Profile, split: str = "train", device: str | None = None, *,
-                        lm=None, progress: bool = True) -> ActivationStore:
-    """Capture profile.hook over `load_tokens(profile, split)` into `paths.store_dir(profile, split)`
-    and return the finished `ActivationStore`.
+                        lm=None, batch_size: int | None = None, progress: bool = True) -> ActivationStore:
+    """Capture profile.hook over `load_tokens(profile, split)` into `paths.store_dir(profile, split)`.
 
-    device: where the LM runs (default: the best available, `config.default_device()`). lm: a loaded
-    model to reuse (default: `load_lm(profile, device)`). Resumes an interrupted capture; returns the
-    store at once if it is complete (nothing recomputed). A store of other settings in that folder
-    raises ValueError naming what to delete; it is left as it is.
+    Runs where `lm` lives if one is given (`device`, if also given, must name the same device);
+    otherwise loads the profile's LM on `device` (default: the GPU when there is one). `batch_size`:
+    contexts per forward pass (default `capture_batch`). Resumes an interrupted capture; returns the
+    finished store at once if it is complete.
     """
     tokens = load_tokens(profile, split).with_format("torch")
-    device = device or default_device()
-    lm = lm or load_lm(profile, device)
+    if lm is None:
+        lm = load_lm(profile, device or default_device())
+    device = check_device(lm, device)
     check_hook(lm, profile.hook)
-    directory = paths.store_dir(profile, split)
-    identity = _expected(profile, split) | {"metadata": store_metadata(profile, split, lm)}
-    try:
-        writer = StoreWriter(directory, **identity)
-    except ValueError as err:  # a store of other settings: say which folder to delete and what to rerun
-        stored = json.loads((directory / MANIFEST).read_text())
-        raise ValueError(stale_store_message(profile, split, differences(stored, identity) or [str(err)])) from err
+    writer = _open_writer(profile, split, lm)
     if writer.is_complete:
-        return ActivationStore(directory, hook=profile.hook, d_in=profile.d_in)
-    n, size, done = len(tokens), profile.capture_batch_size, writer.contexts_done
-    buffer, index, contexts, started = [], [], 0, time.perf_counter()
-    for first in tqdm(range(done, n, size), desc=f"capture {split}", disable=not progress,
-                      initial=done // size, total=-(-n // size)):
-        ids = tokens[first:first + size]["input_ids"].to(torch.int64)  # (batch, pos)
-        _, cache = lm.run_with_cache(ids.to(device), names_filter=[profile.hook], stop_at_layer=profile.layer + 1)
-        rows, row_index = batch_rows(cache[profile.hook].cpu(), ids, first, profile.exclude_first_position)
-        buffer.append(rows.to(DTYPES[profile.store_dtype]))
-        index.append(row_index)
-        contexts += ids.shape[0]
-        if sum(len(b) for b in buffer) >= profile.shard_rows or first + size >= n:
-            writer.add_shard(torch.cat(buffer), {k: torch.cat([i[k] for i in index]) for k in index[0]}, contexts)
-            buffer, index, contexts = [], [], 0
+        return ActivationStore(writer.directory, hook=profile.hook, d_in=profile.d_in)
+    n, done = len(tokens), writer.contexts_done
+    size, first, buffer = batch_size or capture_batch(profile, lm, device), done, ShardBuffer(writer, profile)
+    started = time.perf_counter()
+    with tf32_matmuls(device.type == "cuda" and profile.store_dtype != "float32"), \
+            tqdm(total=n, initial=done, unit="ctx", desc=f"capture {split}", disable=not progress) as bar:
+        while first < n:
+            ids = tokens[first:first + size]["input_ids"].to(torch.int64)  # (batch, pos)
+            try:
+                rows = hook_rows(lm, ids, profile, device)  # (batch * stored positions, d_in) on the device
+            except torch.cuda.OutOfMemoryError as err:
+                if size == 1:
+                    buffer.write()  # full shards waiting to be written are kept too
+                    raise RuntimeError(_out_of_memory(profile, split, device, writer)) from err
+                rows = None
+            if rows is None:  # outside the except block, so the failed pass's tensors are freed
+                failed, size = size, size // 2
+                warnings.warn(f"capture: CUDA ran out of memory at {failed} contexts per forward pass; continuing "
+                              f"at {size}. To start there: capture_activations(..., batch_size={size})", stacklevel=3)
+                continue
+            buffer.add(rows, row_index(ids, first, profile.exclude_first_position), len(ids))
+            first += len(ids)
+            bar.update(len(ids))
+        buffer.write(final=True)
     elapsed = time.perf_counter() - started
     store = writer.finish()
     captured = (n - done) * profile.context_size
-    stats = {"contexts": n - done, "tokens": captured, "seconds": elapsed, "device": str(device),
+    stats = {"contexts": n - done, "tokens": captured, "seconds": elapsed, "device": str(device), "batch_size": size,
              "tokens_per_s": captured / elapsed if elapsed > 0 else None, "resumed_from_context": done}
-    (directory / STATS).write_text(json.dumps(stats, indent=2))
+    (writer.directory / STATS).write_text(json.dumps(stats, indent=2))
     return store
 
 
@@ -145,12 +251,14 @@ def norm_by_position(lm, input_ids: torch.Tensor, hook: str, device: str | None 
     L2 norm over the batch. Runs `lm` on its own device unless `device` is given.
 
     input_ids: (batch, pos). Computed from the LM rather than the store, because the store may
-    exclude position 0, which is exactly the position this plot is about.
+    exclude position 0, which is exactly the position this plot is about. Runs where `lm` lives
+    (`device`, if given, must name the same device).
     """
     import pandas as pd
 
     layer = int(hook.split(".")[1])
-    _, cache = lm.run_with_cache(input_ids.to(device or lm.cfg.device), names_filter=[hook], stop_at_layer=layer + 1)
+    device = check_device(lm, device)
+    _, cache = lm.run_with_cache(input_ids.to(device), names_filter=[hook], stop_at_layer=layer + 1)
     norms = cache[hook].float().norm(dim=-1).cpu()  # (batch, pos)
     q = torch.quantile(norms, torch.tensor([0.1, 0.9]), dim=0)  # (2, pos)
     return pd.DataFrame({"position": range(norms.shape[1]), "mean_norm": norms.mean(0).numpy(),

@@ -20,6 +20,7 @@ from safetensors import safe_open
 from saelab import plots, tables
 from saelab.analysis import MAEResult, logit_attribution, top_logit_tokens
 from saelab.config import Profile
+from saelab.devices import device_of, module_on
 from saelab.sae import SAE
 from saelab.store import ActivationStore
 
@@ -58,9 +59,19 @@ class FeatureExplorer:
     tokenizer: object  # anything with decode(list[int]) -> str
     profile: Profile
     unembed: torch.Tensor | None = None  # (d_in, d_vocab) from analysis.unembedding(lm)
-    device: str = "cpu"
+    device: str | None = None  # where contexts are re-encoded; None: where the SAE lives (saelab.devices)
     window: tuple[int, int] = (12, 4)  # tokens shown before / after the example's token
     _cache: dict = field(default_factory=dict, repr=False)
+    _encoder: tuple = field(default=(None, None), repr=False)  # (the caller's SAE, it or its copy on device)
+
+    def __post_init__(self):
+        self.device = str(device_of(self.sae)) if self.device is None else self.device
+
+    def _sae_on_device(self) -> SAE:
+        """The SAE on `device`: itself, or a copy made once (the caller's SAE is never moved)."""
+        if self._encoder[0] is not self.sae:
+            self._encoder = (self.sae, module_on(self.sae, self.device))
+        return self._encoder[1]
 
     def _context_ids(self, context: int) -> list[int]:
         row = self.contexts[context]
@@ -74,7 +85,7 @@ class FeatureExplorer:
             self._cache.clear()  # keep one context's activations: examples come one context at a time
             self._cache[(context, "x")] = read_rows(self.store, rows)
         with torch.no_grad():
-            acts = self.sae.to(self.device).encode(self._cache[(context, "x")].to(self.device))[:, feature]
+            acts = self._sae_on_device().encode(self._cache[(context, "x")].to(self.device))[:, feature]
         return dict(zip(index["position"][rows].tolist(), acts.cpu().tolist(), strict=True))
 
     def examples(self, feature: int) -> pd.DataFrame:

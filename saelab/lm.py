@@ -18,6 +18,7 @@ import torch
 
 from saelab import paths
 from saelab.config import Profile, default_device
+from saelab.devices import device_of
 
 LM_SETTINGS = {"fold_ln": True, "center_writing_weights": False, "center_unembed": False,
                "fold_value_biases": True}
@@ -71,7 +72,11 @@ def random_gpt2(profile: Profile):
 
 
 def hooked_from_hf(hf_model, tokenizer=None, settings: dict | None = None):
-    """Any transformers GPT2LMHeadModel as a HookedTransformer, via TransformerLens' own conversion."""
+    """Any transformers GPT2LMHeadModel as a HookedTransformer, via TransformerLens' own conversion.
+
+    The result lives where `hf_model` lives, and its `cfg.device` says so (TransformerLens sends
+    tokens to cfg.device, which otherwise defaults to CUDA whenever a GPU exists).
+    """
     from transformer_lens import HookedTransformer, HookedTransformerConfig
     from transformer_lens.pretrained.weight_conversions import convert_gpt2_weights
 
@@ -80,8 +85,9 @@ def hooked_from_hf(hf_model, tokenizer=None, settings: dict | None = None):
         n_layers=c.n_layer, d_model=c.n_embd, n_heads=c.n_head, d_head=c.n_embd // c.n_head,
         d_mlp=c.n_inner or 4 * c.n_embd, d_vocab=c.vocab_size, n_ctx=c.n_positions, act_fn=c.activation_function,
         normalization_type="LN", eps=c.layer_norm_epsilon, original_architecture="GPT2LMHeadModel",
-        default_prepend_bos=False)  # contexts from saelab.data already start with BOS
-    model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False)
+        default_prepend_bos=False,  # contexts from saelab.data already start with BOS
+        device=str(device_of(hf_model)))
+    model = HookedTransformer(cfg, tokenizer=tokenizer)  # built on cfg.device
     model.load_and_process_state_dict(convert_gpt2_weights(hf_model, cfg), **(settings or LM_SETTINGS))
     return model.eval()
 

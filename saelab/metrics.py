@@ -1,12 +1,15 @@
 """Evaluation metrics as small pure functions; each docstring is the formula.
 
 Shapes: x, x_hat (tokens, d_in); h (tokens, d_sae). `ce_loss_recovered` takes the language model
-as an argument (it never imports one), so this module stays on floor 1.
+as an argument (it never imports one), so this module stays on floor 1. Devices follow
+saelab.devices: each function runs where the module it is given lives.
 """
 
 from __future__ import annotations
 
 import torch
+
+from saelab.devices import accumulator_dtype, device_of, module_on
 
 
 def l0(h: torch.Tensor) -> torch.Tensor:
@@ -59,9 +62,10 @@ def evaluate_sae(sae, activations: torch.Tensor, batch_size: int = 4096, rows: t
     `loss.l1_penalty`), fvu, normalised_mse, dead_fraction, dense_fraction, and "density" (d_sae,)
     float64 for the histogram. The training loop's validation metrics come from here too.
     """
-    device = next(sae.parameters()).device
-    sums = torch.zeros(4, dtype=torch.float64, device=device)  # sse, sum ||x||^2, l1 sum, tokens
-    x_sum = torch.zeros(sae.d_in, dtype=torch.float64, device=device)
+    device = device_of(sae)  # runs where the SAE lives; the activations come to it batch by batch
+    acc = accumulator_dtype(device)  # float64, float32 on MPS
+    sums = torch.zeros(4, dtype=acc, device=device)  # sse, sum ||x||^2, l1 sum, tokens
+    x_sum = torch.zeros(sae.d_in, dtype=acc, device=device)
     fired = torch.zeros(sae.d_sae, dtype=torch.int64, device=device)
     batches = activations.split(batch_size) if rows is None else (
         activations.index_select(0, part) for part in rows.to(activations.device).split(batch_size))
@@ -69,10 +73,10 @@ def evaluate_sae(sae, activations: torch.Tensor, batch_size: int = 4096, rows: t
         x = batch.to(device, torch.float32)  # (batch, d_in)
         x_hat, h = sae(x)  # (batch, d_in), (batch, d_sae)
         # per-row sums in float32, then float64 across rows: exact enough, and no float64 copy of h
-        rows = torch.tensor(x.shape[0], dtype=torch.float64, device=device)
-        sums += torch.stack([(x - x_hat).pow(2).sum(-1).double().sum(), x.pow(2).sum(-1).double().sum(),
-                             h.abs().sum(-1).double().sum(), rows])
-        x_sum += x.double().sum(0)
+        rows = torch.tensor(x.shape[0], dtype=acc, device=device)
+        sums += torch.stack([(x - x_hat).pow(2).sum(-1).to(acc).sum(), x.pow(2).sum(-1).to(acc).sum(),
+                             h.abs().sum(-1).to(acc).sum(), rows])
+        x_sum += x.to(acc).sum(0)
         fired += torch.count_nonzero(h, dim=0)
     sse, x_sq, l1_sum, n = sums.tolist()
     if n == 0:
@@ -98,8 +102,11 @@ def ce_loss_recovered(lm, sae, tokens: torch.Tensor, hook: str, batch_size: int 
     CE_zero replaces the activation by zeros. Also KL(clean || spliced) per token, for both.
     With `skip_first_position`, position 0 (BOS) keeps its clean activation in both ablations,
     matching an SAE trained without position 0 (profile.exclude_first_position).
+    Runs where `lm` lives: tokens go there, and so does a copy of the SAE if it lives elsewhere
+    (the caller's SAE is not moved).
     """
-    device = next(lm.parameters()).device
+    device = device_of(lm)
+    sae = module_on(sae, device)
     start = 1 if skip_first_position else 0
     sums = {"ce_clean": 0.0, "ce_sae": 0.0, "ce_zero": 0.0, "kl_sae": 0.0, "kl_zero": 0.0}
     n_tokens = 0

@@ -12,27 +12,12 @@ batch runs the same step eagerly on the same tensors.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-
 import torch
 
 from saelab.sae import SAE, Losses
 
 SUMS = ("loss", "sse", "sparsity", "aux", "rows")  # summed over an epoch by RunningStats
 WARMUP_STEPS = 3  # eager steps on a side stream before capture: cuBLAS handles, Adam's state, autograd
-
-
-@contextmanager
-def tf32_matmuls(enabled: bool) -> Iterator[None]:
-    """TF32 float32 matmuls on CUDA while the block runs (`enabled`), then the caller's setting again:
-    the flag is process-wide, and an LM forward after training must not silently run in TF32."""
-    previous = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = previous or enabled
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = previous
 
 
 class RunningStats:

@@ -31,9 +31,10 @@ from tqdm.auto import tqdm
 from saelab.batching import as_activations, device_batches, epoch_order, to_training_device, train_val_split
 from saelab.checkpoint import load_checkpoint, prepare_run_dir, restore_optimizer, save_checkpoint
 from saelab.config import GPT2, TRAINING_FIELDS, Profile
+from saelab.devices import tf32_matmuls
 from saelab.metrics import evaluate, total_variance
 from saelab.sae import REGISTRY, SAE, sae_for
-from saelab.step import RunningStats, Stepper, make_adam, tf32_matmuls
+from saelab.step import RunningStats, Stepper, make_adam
 from saelab.tracking import RunLog
 
 RESUMABLE_CHANGES = ("epochs", "checkpoint_every", "checkpoint_minutes", "log_every", "cuda_graph")

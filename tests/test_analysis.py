@@ -1,5 +1,6 @@
 """Streaming MAE against brute force on small stores written here."""
 
+import copy
 import math
 from pathlib import Path
 from types import SimpleNamespace
@@ -248,3 +249,30 @@ def test_notebook_04_analyses_a_folder_saelens_wrote(tiny, tmp_path, monkeypatch
     assert len(list((figures / "dashboards").glob("feature_*.html"))) == 3
     assert "SAE saelens_sae" in (figures / "04_top_features.html").read_text()  # titles name the SAE analysed
     assert not paths.sae_dir(profile).exists()  # no notebook-03 SAE was needed
+
+
+def dyadic_sae(d_in: int, d_sae: int, seed: int = 0) -> SAE:
+    """Weights in multiples of 1/4 in [-1, 1]: with integer activations every product and sum is exact in
+    float32 and TF32 alike, so encodings (and their ties) are bit-identical on every device."""
+    generator = torch.Generator().manual_seed(seed)
+    sae = SAE(d_in, d_sae)
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.randint(-4, 5, (d_in, d_sae), generator=generator) / 4)
+        sae.b_enc.copy_(torch.randint(-4, 5, (d_sae,), generator=generator) / 4)
+    return sae
+
+
+def test_max_activating_on_device_equals_cpu_and_leaves_the_sae_where_it_was(tmp_path, device):
+    x = torch.randint(-3, 4, (60, 6)).float()  # many exact ties: tie-breaking must agree too
+    store = write_store(tmp_path / "s", x, [25, 35])
+    sae = dyadic_sae(6, 16)
+    expected = max_activating(sae, store, k=4, chunk_rows=7, progress=False)
+    on_device = max_activating(sae, store, k=4, chunk_rows=7, device=device, progress=False)
+    assert {p.device.type for p in sae.parameters()} == {"cpu"}  # a copy was sent, not the caller's SAE
+    sae_there = copy.deepcopy(sae).to(device)
+    in_place = max_activating(sae_there, store, k=4, chunk_rows=7, progress=False)  # no device: where the SAE lives
+    for mae in (on_device, in_place):
+        assert mae.rows.device.type == mae.values.device.type == "cpu"
+        assert torch.equal(mae.rows, expected.rows) and torch.equal(mae.values, expected.values)
+        assert mae.stats.equals(expected.stats)
+    assert (expected.rows[:, 1:] >= 0).any()  # features with several examples: the comparison is not vacuous

@@ -1,5 +1,6 @@
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -34,11 +35,102 @@ def test_position_zero_is_kept_when_the_profile_says_so(tiny):
     assert store.index()["position"][: tiny.context_size].tolist() == list(range(tiny.context_size))
 
 
-def test_shards_flush_at_batch_boundaries_and_memory_stays_one_shard(tiny):
-    store = capture.capture_activations(tiny, device="cpu", progress=False)
-    rows = [s["rows"] for s in store.manifest["shards"]]
-    batch_rows = tiny.capture_batch_size * (tiny.context_size - 1)  # 60: two batches reach shard_rows 100
-    assert rows[:-1] == [2 * batch_rows] * (len(rows) - 1) and 0 < rows[-1] <= 2 * batch_rows
+def same_store(a: ActivationStore, b: ActivationStore) -> bool:
+    """Equal manifests (shard files, rows, contexts, identity) and equal shard contents."""
+    return a.manifest == b.manifest and all(x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+                                            for x, y in zip(a.iter_shards(), b.iter_shards(), strict=True))
+
+
+def set_aside(store: ActivationStore, to) -> ActivationStore:
+    """Move a finished store out of the profile's folder, so the next capture starts afresh."""
+    shutil.move(store.directory, to)
+    return ActivationStore(to)
+
+
+def test_shards_hold_whole_contexts_whatever_the_batch(tiny, tmp_path):
+    """shard_rows 100 at 15 rows per context: 7 contexts (105 rows) per shard, the rest in the last."""
+    model, stores = lm.load_lm(tiny, "cpu"), []
+    for batch_size in (4, 1, 9):
+        store = capture.capture_activations(tiny, lm=model, batch_size=batch_size, progress=False)
+        stores.append(set_aside(store, tmp_path / f"batch{batch_size}"))
+    contexts = stores[0].manifest["n_contexts"]
+    assert [s["contexts"] for s in stores[0].manifest["shards"]] == [7] * (contexts // 7) + [contexts % 7] * (
+        contexts % 7 > 0)
+    assert [s["rows"] for s in stores[0].manifest["shards"]][0] == 105
+    assert same_store(stores[0], stores[1]) and same_store(stores[0], stores[2])
+
+
+@pytest.mark.parametrize("store_dtype", ["float32", "float16"])
+def test_capture_on_device_equals_capture_on_the_cpu(tiny, tmp_path, device, tolerance, store_dtype):
+    """On CUDA the batch is larger, the copy pinned and non-blocking, and 16-bit stores run TF32 matmuls:
+    the store is the same, values within the stated tolerance (float16: one fp16 rounding step more)."""
+    profile = tiny.replace(store_dtype=store_dtype)
+    model = lm.load_lm(profile, "cpu")
+    on_cpu = set_aside(capture.capture_activations(profile, lm=model, progress=False), tmp_path / "cpu")
+    store = capture.capture_activations(profile, device=device, lm=model.to(device), progress=False)
+    assert capture.read_stats(profile)["device"].startswith(device)
+    assert store.manifest == on_cpu.manifest  # same shards, rows and contexts, whatever the batch size
+    assert all(torch.equal(a, b) for a, b in zip(store.index().values(), on_cpu.index().values(), strict=True))
+    expected = on_cpu.activations()
+    tol = tolerance if store_dtype == "float32" else {"rtol": 2e-3 + tolerance["rtol"], "atol": 2e-3 * (
+        1 + expected.abs().max().item()) + tolerance["atol"]}  # float16 rounds to 2^-11 relative
+    torch.testing.assert_close(store.activations(), expected, **tol)
+
+
+def fail_above(monkeypatch, contexts: int, after_calls: int = 0) -> list[int]:
+    """Make every forward pass of more than `contexts` contexts (after the first `after_calls`) raise
+    CUDA's out-of-memory error, as a GPU would; returns the batch size of every pass tried."""
+    tried, real = [], capture.hook_rows
+
+    def hook_rows(lm, ids, profile, device):
+        tried.append(len(ids))
+        if len(tried) > after_calls and len(ids) > contexts:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return real(lm, ids, profile, device)
+
+    monkeypatch.setattr(capture, "hook_rows", hook_rows)
+    return tried
+
+
+def test_out_of_gpu_memory_halves_the_batch_and_says_so(tiny, tmp_path, monkeypatch):
+    model = lm.load_lm(tiny, "cpu")
+    whole = set_aside(capture.capture_activations(tiny, lm=model, progress=False), tmp_path / "whole")
+    tried = fail_above(monkeypatch, contexts=2)
+    with pytest.warns(UserWarning, match=r"capture: CUDA ran out of memory at \d+ contexts") as said:
+        store = capture.capture_activations(tiny, lm=model, batch_size=8, progress=False)
+    messages = [str(w.message) for w in said if "capture:" in str(w.message)]
+    assert [m.split("pass; ")[1] for m in messages] == [
+        "continuing at 4. To start there: capture_activations(..., batch_size=4)",
+        "continuing at 2. To start there: capture_activations(..., batch_size=2)"]
+    assert tried[:3] == [8, 4, 2] and set(tried[3:]) <= {1, 2}  # the same contexts retried, then batches of 2
+    assert capture.read_stats(tiny)["batch_size"] == 2
+    assert same_store(store, whole)
+
+
+def test_out_of_gpu_memory_at_one_context_stops_keeps_the_shards_and_resumes(tiny, tmp_path, monkeypatch):
+    model = lm.load_lm(tiny, "cpu")
+    whole = set_aside(capture.capture_activations(tiny, lm=model, progress=False), tmp_path / "whole")
+    with monkeypatch.context() as patched, pytest.warns(UserWarning, match="capture: CUDA ran out of memory"), \
+            pytest.raises(RuntimeError, match=r"(?s)even at one context.*capture_batch_size.*capture on the CPU.*"
+                                              r"The 2 shards already written.*are kept: rerunning resumes") as raised:
+        fail_above(patched, contexts=0, after_calls=4)  # 4 passes of 4 contexts, then nothing fits
+        capture.capture_activations(tiny, lm=model, batch_size=4, progress=False)
+    assert isinstance(raised.value.__cause__, torch.cuda.OutOfMemoryError)
+    partial = json.loads((paths.store_dir(tiny) / "manifest.json").read_text())
+    assert not partial["complete"] and partial["n_contexts"] == 14  # 16 captured: 2 shards of 7 written
+    resumed = capture.capture_activations(tiny, lm=model, progress=False)
+    assert capture.read_stats(tiny)["resumed_from_context"] == 14
+    assert same_store(resumed, whole)
+
+
+def test_capture_batch_grows_on_cuda_within_free_memory(tiny, monkeypatch):
+    model = lm.load_lm(tiny, "cpu")
+    assert capture.capture_batch(tiny, model, torch.device("cpu")) == tiny.capture_batch_size
+    # tiny's LM, per context: 2 x 4 bytes x 16 positions x (6 x 64 + 2 x 256 + 2 x 4 heads x 16) = 131,072 bytes
+    cuda = torch.device("cuda")
+    for free_contexts, batch in [(10_000, capture.CUDA_TOKENS_PER_PASS // 16), (100, 100), (2, 4)]:
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device, free=free_contexts: (2 * 131_072 * free, 0))
+        assert capture.capture_batch(tiny, model, cuda) == batch  # half the free memory; never below 4
 
 
 def test_both_splits_and_a_second_call_reuses_the_store(tiny):

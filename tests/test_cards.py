@@ -80,3 +80,19 @@ def test_public_names_resolve_lazily():
     from saelab import dashboards
 
     assert saelab.load_sae is analysis.load_sae and saelab.write_dashboards is dashboards.write_dashboards
+
+
+def test_cards_on_device_equal_cpu_and_leave_the_sae_where_it_was(tmp_path, device):
+    """One-hot activations and an identity encoder: exact on every device, so the pages must be equal."""
+    contexts = [[1, 2, 3, 2], [4, 2, 1, 5]]
+    explorer = build(tmp_path, contexts)
+    explorer.unembed = torch.eye(len(VOCAB))
+    on_device = FeatureExplorer(explorer.mae, explorer.sae, explorer.store, contexts, explorer.tokenizer,
+                                explorer.profile, unembed=explorer.unembed.to(device), device=device, window=(2, 1))
+    for feature in range(len(VOCAB)):
+        assert on_device.highlight(feature) == explorer.highlight(feature)
+        assert on_device.logits(feature).equals(explorer.logits(feature))
+    assert {p.device.type for p in explorer.sae.parameters()} == {"cpu"}  # the encoder copy went, not the SAE
+    assert explorer.highlight(2).count("border:2px") == 2  # two examples shown: the comparison is not vacuous
+    assert FeatureExplorer(explorer.mae, explorer.sae, explorer.store, contexts, explorer.tokenizer,
+                           explorer.profile).device == "cpu"  # no device: where the SAE lives

@@ -27,14 +27,47 @@ def hf_hidden_state_6(model: GPT2LMHeadModel, ids: torch.Tensor) -> torch.Tensor
         return model(ids, output_hidden_states=True).hidden_states[6]  # (batch, pos, d_model)
 
 
-def test_saelab_capture_equals_hf_hidden_states_6(tiny):
-    """The acceptance test: saelab's store holds exactly HF hidden_states[6] (position 0 dropped)."""
+def test_saelab_capture_equals_hf_hidden_states_6(tiny, device, tolerance):
+    """The acceptance test: saelab's store holds exactly HF hidden_states[6] (position 0 dropped),
+    captured on `device` and compared with HF on the CPU."""
     hf = random_hf_gpt2(d_model=tiny.d_in, n_ctx=tiny.context_size)
-    store = capture.capture_activations(tiny, lm=lm.hooked_from_hf(hf), device="cpu", progress=False)
     ids = torch.tensor(capture.load_tokens(tiny)["input_ids"])  # (contexts, pos)
     expected = hf_hidden_state_6(hf, ids)[:, 1:].reshape(-1, tiny.d_in)
+    store = capture.capture_activations(tiny, lm=lm.hooked_from_hf(hf.to(device)), device=device, progress=False)
     assert store.activations().shape == expected.shape
-    assert (store.activations() - expected).abs().max() < 1e-5
+    torch.testing.assert_close(store.activations(), expected, rtol=tolerance["rtol"], atol=1e-5 + tolerance["atol"])
+
+
+def test_converted_model_lives_where_the_hf_model_lives(device, tolerance):
+    """Weights and cfg.device agree (TransformerLens sends tokens to cfg.device), on every device."""
+    hf = random_hf_gpt2()
+    ids = torch.randint(0, 512, (2, 16))
+    expected = hf_hidden_state_6(hf, ids)
+    model = lm.hooked_from_hf(hf.to(device))
+    assert {p.device.type for p in model.parameters()} == {torch.device(model.cfg.device).type} == {device}
+    _, cache = model.run_with_cache(ids, names_filter=[HOOK], stop_at_layer=7)  # CPU ids: the model moves them
+    torch.testing.assert_close(cache[HOOK].cpu(), expected, rtol=tolerance["rtol"], atol=1e-5 + tolerance["atol"])
+
+
+def test_converted_model_does_not_claim_cuda_for_cpu_weights(monkeypatch):
+    """Issue 9 on a CPU-only machine: where CUDA exists, TransformerLens' config defaulted cfg.device to
+    'cuda' while the converted weights stayed on the CPU, so every forward sent the tokens to CUDA."""
+    with monkeypatch.context() as patched:
+        patched.setattr(torch.cuda, "is_available", lambda: True)
+        model = lm.hooked_from_hf(random_hf_gpt2())
+    assert model.cfg.device == "cpu" and {p.device.type for p in model.parameters()} == {"cpu"}
+    assert model(torch.randint(0, 512, (1, 16))).shape == (1, 16, 512)
+
+
+def test_capture_and_norms_refuse_a_device_the_lm_is_not_on(tiny):
+    """With an LM given, capture runs where it lives; a `device` naming another is an error, and nothing is written."""
+    model = lm.load_lm(tiny, "cpu")
+    with pytest.raises(ValueError, match=r"the LM is on cpu but device='meta'"):
+        capture.capture_activations(tiny, "train", "meta", lm=model, progress=False)
+    assert not paths.store_dir(tiny).exists()
+    with pytest.raises(ValueError, match=r"the LM is on cpu but device='meta'"):
+        capture.norm_by_position(model, torch.zeros(1, 4, dtype=torch.int64), tiny.hook, "meta")
+    assert capture.norm_by_position(model, torch.zeros(2, 4, dtype=torch.int64), tiny.hook).shape == (4, 4)
 
 
 def test_centring_writing_weights_would_subtract_the_mean_over_d_model():

@@ -1,3 +1,4 @@
+import copy
 import math
 import re
 
@@ -53,8 +54,8 @@ def test_density_dead_dense_by_hand():
 def tiny_lm() -> HookedTransformer:
     torch.manual_seed(0)
     cfg = HookedTransformerConfig(n_layers=2, d_model=8, n_ctx=6, d_head=4, n_heads=2, d_vocab=11,
-                                  act_fn="gelu", normalization_type="LN", seed=0)
-    return HookedTransformer(cfg).eval()
+                                  act_fn="gelu", normalization_type="LN", seed=0, device="cpu")
+    return HookedTransformer(cfg).eval()  # device="cpu": TransformerLens would pick CUDA where there is one
 
 
 def identity_sae(d: int) -> SAE:
@@ -77,16 +78,39 @@ def zero_sae(d: int) -> SAE:
 
 
 @pytest.mark.parametrize("skip_first", [True, False])
-def test_ce_loss_recovered_is_one_for_a_perfect_sae_and_zero_for_zero(tiny_lm, skip_first):
+def test_ce_loss_recovered_is_one_for_a_perfect_sae_and_zero_for_zero(tiny_lm, skip_first, device):
+    """The LM on `device`, the SAEs and tokens on the CPU: CE runs where the LM is and moves the rest."""
+    lm = copy.deepcopy(tiny_lm).to(device)
     tokens = torch.randint(0, 11, (5, 6), generator=torch.Generator().manual_seed(0))
     hook = "blocks.1.hook_resid_pre"
-    perfect = ce_loss_recovered(tiny_lm, identity_sae(8), tokens, hook, batch_size=2, skip_first_position=skip_first)
+    perfect = ce_loss_recovered(lm, identity_sae(8), tokens, hook, batch_size=2, skip_first_position=skip_first)
     assert math.isclose(perfect["ce_clean"], tiny_lm(tokens, return_type="loss").item(), rel_tol=1e-5)
     assert math.isclose(perfect["ce_sae"], perfect["ce_clean"], rel_tol=1e-5)
     assert math.isclose(perfect["ce_loss_recovered"], 1.0, abs_tol=1e-3)
     assert abs(perfect["kl_sae"]) < 1e-5 and perfect["kl_zero"] > 0
-    zero = ce_loss_recovered(tiny_lm, zero_sae(8), tokens, hook, batch_size=2, skip_first_position=skip_first)
+    zero = ce_loss_recovered(lm, zero_sae(8), tokens, hook, batch_size=2, skip_first_position=skip_first)
     assert zero["ce_sae"] == zero["ce_zero"] and zero["ce_loss_recovered"] == 0.0
+
+
+def test_ce_loss_recovered_on_device_equals_cpu_and_leaves_the_sae_where_it_was(tiny_lm, device, tolerance):
+    tokens = torch.randint(0, 11, (5, 6), generator=torch.Generator().manual_seed(1))
+    hook, sae = "blocks.1.hook_resid_pre", SAE(8, 16)
+    expected = ce_loss_recovered(tiny_lm, sae, tokens, hook, batch_size=2)
+    result = ce_loss_recovered(copy.deepcopy(tiny_lm).to(device), sae, tokens, hook, batch_size=2)
+    assert {p.device.type for p in sae.parameters()} == {"cpu"}  # a copy went to the LM's device, not the SAE
+    measured = [k for k in expected if k != "ce_loss_recovered"]  # the ratio amplifies noise when CE_zero ~ CE_clean
+    torch.testing.assert_close(torch.tensor([result[k] for k in measured]),
+                               torch.tensor([expected[k] for k in measured]), **tolerance)
+    assert expected["kl_sae"] > 0.01  # a random SAE changes the predictions: the comparison is not vacuous
+
+
+def test_evaluate_sae_runs_where_the_sae_lives(device, tolerance):
+    sae, x = SAE(4, 6), torch.randn(10, 4) + 1  # activations on the CPU, the SAE on `device`
+    expected = evaluate_sae(sae, x, batch_size=3)
+    result = evaluate_sae(copy.deepcopy(sae).to(device), x, batch_size=3)
+    assert result.keys() == expected.keys() and result["density"].device.type == "cpu"
+    for name, value in expected.items():
+        torch.testing.assert_close(torch.as_tensor(result[name]), torch.as_tensor(value), **tolerance, msg=name)
 
 
 def test_evaluate_sae_in_batches_equals_the_one_batch_formulas():

@@ -6,6 +6,7 @@ import torch
 from saelab import paths
 from saelab.checkpoint import load_checkpoint
 from saelab.config import GPT2, load_profile
+from saelab.devices import tf32_enabled, tf32_matmuls
 from saelab.metrics import evaluate
 from saelab.sae import ARCHITECTURES, SAE, sae_for
 from saelab.step import RunningStats, Stepper, make_adam
@@ -274,10 +275,10 @@ def test_train_profile_refuses_a_run_from_other_settings_unless_overwrite():
 
 @pytest.fixture(name="tf32_flag")
 def tf32_flag_fixture():
-    """The process-wide TF32 flag (settable on CPU builds too), restored after the test."""
-    saved = torch.backends.cuda.matmul.allow_tf32
-    yield
-    torch.backends.cuda.matmul.allow_tf32 = saved
+    """The process-wide TF32 setting (settable on CPU builds too), set through saelab's own switch and
+    restored after the test."""
+    with tf32_matmuls(False):  # restores the caller's setting on exit
+        yield
 
 
 @pytest.mark.parametrize("before", [False, True])
@@ -286,20 +287,19 @@ def test_tf32_is_on_during_training_only(monkeypatch, tf32_flag, before):
     original = Trainer.loop
 
     def spy(self, *args):
-        seen.append(torch.backends.cuda.matmul.allow_tf32)
+        seen.append(tf32_enabled())
         return original(self, *args)
 
     monkeypatch.setattr(Trainer, "loop", spy)
-    torch.backends.cuda.matmul.allow_tf32 = before
-    train_sae(SAE(8, 16), low_rank_data(n=200), epochs=1, batch_size=64, progress=False, tf32=True)
-    assert seen == [True] and torch.backends.cuda.matmul.allow_tf32 is before
+    with tf32_matmuls(before):
+        train_sae(SAE(8, 16), low_rank_data(n=200), epochs=1, batch_size=64, progress=False, tf32=True)
+        assert seen == [True] and tf32_enabled() is before
 
 
 def test_tf32_setting_is_restored_when_training_fails(tf32_flag):
-    torch.backends.cuda.matmul.allow_tf32 = False
     with pytest.raises(FloatingPointError):
         train_sae(SAE(8, 16), low_rank_data(n=300), epochs=2, batch_size=64, lr=1e30, progress=False, tf32=True)
-    assert torch.backends.cuda.matmul.allow_tf32 is False
+    assert tf32_enabled() is False
 
 
 def test_training_indexes_the_activations_without_copying_them(monkeypatch):

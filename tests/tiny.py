@@ -7,7 +7,8 @@ import pytest
 from saelab import paths
 from saelab.config import OFFLINE
 
-# 16-token contexts, 15 activation rows each; a shard holds 2 capture batches (120 >= 100 rows).
+# 16-token contexts, 15 activation rows each; a shard holds 7 whole contexts (105 >= 100 rows), so
+# capture batches of 4 contexts straddle shard boundaries.
 TINY = OFFLINE.replace(name="tiny", n_texts=24, mae_texts=8, context_size=16, capture_batch_size=4,
                        shard_rows=100, offline_vocab_size=512)
 
