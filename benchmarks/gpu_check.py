@@ -67,10 +67,12 @@ def main(args) -> int:
     if args.smoke:
         results["tests"] = {"status": "skipped (smoke)", "seconds": 0.0, "tail": ""}
     else:
-        results["tests"] = run_step("tests", [python, "-m", "pytest", "tests", "-q", "-p", "no:cacheprovider"],
-                                    args.test_timeout, out)
+        # test_benchmarks runs this very command in smoke mode on the CPU: the steps below run it for real
+        results["tests"] = run_step("tests", [python, "-m", "pytest", "tests", "-q", "-p", "no:cacheprovider",
+                                              "--deselect", "tests/test_benchmarks.py"], args.test_timeout, out)
     train = [python, str(HERE / "train.py"), "--device", device, "--json", str(out / "train.json")]
-    train += ["--smoke"] if args.smoke else ["--rows", str(SEED_ROWS), "--peak-tflops", str(peak)]
+    train += ["--smoke"] if args.smoke else ["--rows", str(SEED_ROWS), "--steps", "2000", "--peak-tflops", str(peak),
+                                             "--trainers", "saelab,saelab-bf16,saelab-eager,saelab-host,seed,saelens"]
     results["train"] = run_step("train", train, 600, out)
     if not args.smoke:  # which kernel each GEMM of the step runs on (Hopper: sm90)
         results["kernels"] = run_step("kernels", [python, str(HERE / "train.py"), "--device", device,
@@ -78,8 +80,13 @@ def main(args) -> int:
     mae = [python, str(HERE / "mae.py"), "--device", device]
     mae += ["--smoke"] if args.smoke else ["--scale", "gpt2", "--tokens", str(SEED_MAE_TOKENS)]
     results["mae"] = run_step("mae", mae, 300, out)
-    capture = [python, str(HERE / "capture.py"), "--device", device] + (["--smoke"] if args.smoke else [])
+    capture = [python, str(HERE / "capture.py"), "--device", device]  # saelab's CUDA batch next to the seed's 32
+    capture += ["--smoke"] if args.smoke else ["--case", "gpt2-small-shape", "--batch-size", "32", "0"]
     results["capture"] = run_step("capture", capture, 300, out)
+    if not args.smoke:  # last, as it may take long: torch.compile(mode="reduce-overhead") instead of saelab's graph
+        results["compile"] = run_step("compile", [python, str(HERE / "train.py"), "--device", device, "--rows",
+                                                  str(SEED_ROWS), "--steps", "500", "--trainers", "saelab-compile",
+                                                  "--json", str(out / "compile.json")], args.compile_timeout, out)
     summary(results, out, name)
     return 0 if all(r["status"] in ("ok", "skipped (smoke)") for r in results.values()) else 1
 
@@ -98,7 +105,7 @@ def summary(results: dict, out: Path, name: str) -> None:
         if "saelab" in table and "saelens" in table:
             ratio = table["saelab"]["tokens_per_s"] / table["saelens"]["tokens_per_s"]
             lines.append(f"\nsaelab / SAELens on the same card: {ratio:.1f}x")
-    for step in ("tests", "kernels", "mae", "capture"):
+    for step in ("tests", "kernels", "mae", "capture", "compile"):
         if step in results and results[step]["tail"]:
             keep = 32 if step == "kernels" else 8
             lines += ["", f"{step} (last lines):", "```", *results[step]["tail"].splitlines()[-keep:], "```"]
@@ -111,5 +118,6 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=os.environ.get("OUT") or "runs/gpu_check", help="folder for the logs")
     parser.add_argument("--test-timeout", type=int, default=240, help="seconds allowed for the test suite")
+    parser.add_argument("--compile-timeout", type=int, default=240, help="seconds allowed for the compile step")
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny sizes, no test suite: checks the command")
     sys.exit(main(parser.parse_args()))
