@@ -42,7 +42,8 @@ CUDA_ONLY = ("saelab-eager", "saelab-host", "saelab-compile")
 @torch.no_grad()
 def activations(args) -> torch.Tensor:
     """Seeded activations with known sparse structure (so FVU and L0 mean something): each row sums ~16 of
-    4,096 random unit directions with U[0, 1] weights, plus a little noise. Made on args.device in chunks;
+    4,096 random unit directions with U[0, 1] weights, plus a little noise, scaled by 25 to GPT-2's residual
+    norm at layer 6 (~65; the seed's λ = 1e-3 is meant for that scale). Made on args.device in chunks;
     moved to host memory for saelab-host."""
     generator = torch.Generator(device=args.device).manual_seed(0)
     features = torch.randn(4096, args.d_in, generator=generator, device=args.device)
@@ -52,8 +53,8 @@ def activations(args) -> torch.Tensor:
         rows = min(8_192, args.rows - first)
         codes = torch.rand(rows, 4096, generator=generator, device=args.device)
         codes *= torch.rand(rows, 4096, generator=generator, device=args.device) < 16 / 4096
-        out[first:first + rows] = codes @ features + 0.05 * torch.randn(rows, args.d_in, generator=generator,
-                                                                       device=args.device)
+        noise = 0.05 * torch.randn(rows, args.d_in, generator=generator, device=args.device)
+        out[first:first + rows] = 25 * (codes @ features + noise)
     return out.cpu() if args.worker == "saelab-host" else out
 
 

@@ -231,10 +231,12 @@ def logit_attribution(sae: SAE, unembed: torch.Tensor, feature: int, *, center: 
 def top_logit_tokens(logits: torch.Tensor, tokenizer, n: int = 10) -> pd.DataFrame:
     """The n most promoted and n most suppressed tokens of a (d_vocab,) `logits` vector (as
     `logit_attribution`): a DataFrame of 2n rows, promoted first (largest logit first), then
-    suppressed (most negative first); columns token_id, token (tokenizer.decode), logit, effect."""
+    suppressed (most negative first), equal logits by token id; columns token_id, token
+    (tokenizer.decode), logit, effect. The same on every device (a stable sort on the CPU, not topk)."""
     n = min(n, len(logits))
-    up, down = logits.topk(n), (-logits).topk(n)
-    ids = torch.cat([up.indices, down.indices]).tolist()
+    logits = logits.detach().float().cpu()
+    up, down = logits.sort(descending=True, stable=True), (-logits).sort(descending=True, stable=True)
+    ids = torch.cat([up.indices[:n], down.indices[:n]]).tolist()
     return pd.DataFrame({"token_id": ids, "token": [tokenizer.decode([i]) for i in ids],
-                         "logit": torch.cat([up.values, -down.values]).tolist(),
+                         "logit": torch.cat([up.values[:n], -down.values[:n]]).tolist(),
                          "effect": ["promoted"] * n + ["suppressed"] * n})

@@ -99,7 +99,7 @@ def device_batches(data: torch.Tensor, order: torch.Tensor, batch_size: int, dev
     one, and each chunk is copied to the device on a side stream one chunk ahead, so neither the gather
     nor the copy waits for the other (measured in benchmarks/train.py, trainer saelab-host).
     """
-    order = order[start * batch_size:]
+    order, device = order[start * batch_size:], torch.empty(0, device=device).device  # "cuda" -> cuda:0
     if not (prefetch if prefetch is not None else data.device != device and device.type == "cuda"):
         for first in range(0, order.shape[0], batch_size):
             yield data.index_select(0, order[first:first + batch_size].to(data.device)).to(device, torch.float32)

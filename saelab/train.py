@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from saelab.batching import as_activations, device_batches, epoch_order, to_training_device, train_val_split
 from saelab.checkpoint import load_checkpoint, prepare_run_dir, restore_optimizer, save_checkpoint
 from saelab.config import GPT2, TRAINING_FIELDS, Profile
-from saelab.devices import tf32_matmuls
+from saelab.devices import canonical, device_of, tf32_matmuls
 from saelab.metrics import evaluate, total_variance
 from saelab.sae import REGISTRY, SAE, sae_for
 from saelab.step import RunningStats, Stepper, make_adam
@@ -235,7 +235,7 @@ def train_sae(sae: SAE, activations, *, device: str | torch.device | None = None
     """
     s = training_settings(sae, options)
     activations = as_activations(activations, sae.d_in)
-    device = torch.device(device) if device is not None else next(sae.parameters()).device
+    device = canonical(device) if device is not None else device_of(sae)  # "cuda" -> cuda:0, as tensors say
     run_dir = Path(run_dir) if run_dir is not None else None
     if run_dir is not None:
         prepare_run_dir(run_dir, resume, overwrite)
