@@ -114,8 +114,10 @@ class Stepper:
         return self.losses
 
     def _capture(self, x: torch.Tensor) -> None:
-        """Warm up on a side stream (as torch.cuda.graphs requires), capture, then undo the warm-up's
-        updates so the captured run starts exactly where the eager one would."""
+        """Warm up on a side stream (as torch.cuda.graphs requires), capture on that same stream (autograd
+        ties each parameter's gradient accumulator to the stream it was first used on: another stream for
+        the capture invalidates it), then undo the warm-up's updates so the captured run starts exactly
+        where the eager one would."""
         saved = self._state()
         self.x = x.clone()
         side = torch.cuda.Stream(self.device)
@@ -128,7 +130,7 @@ class Stepper:
         self.optimizer.zero_grad(set_to_none=True)
         self.captured = torch.cuda.CUDAGraph()
         # thread_local: the host-data prefetch thread may allocate pinned memory while this thread captures
-        with torch.cuda.graph(self.captured, capture_error_mode="thread_local"):
+        with torch.cuda.graph(self.captured, stream=side, capture_error_mode="thread_local"):
             self.losses = self.body(self.x)
         self._restore(saved)
 
