@@ -12,6 +12,8 @@ batch runs the same step eagerly on the same tensors.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from saelab.sae import SAE, Losses
@@ -107,7 +109,13 @@ class Stepper:
             self.last_x = x
             return self.body(x)
         if self.captured is None:
-            self._capture(x)
+            try:
+                self._capture(x)
+            except RuntimeError as err:  # torch.AcceleratorError too: a capture that fails must not end the run
+                warnings.warn(f"capturing the training step as a CUDA graph failed ({str(err).splitlines()[0]}); "
+                              "training continues eagerly (slower, same result)", stacklevel=2)
+                self.graph, self.captured = False, None
+                return self(x, full_batch)
         self.x.copy_(x)
         self.captured.replay()
         self.last_x = self.x
@@ -119,20 +127,22 @@ class Stepper:
         the capture invalidates it), then undo the warm-up's updates so the captured run starts exactly
         where the eager one would."""
         saved = self._state()
-        self.x = x.clone()
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
-            for _ in range(WARMUP_STEPS):
-                self.optimizer.zero_grad(set_to_none=True)
-                self.body(self.x)
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        self.optimizer.zero_grad(set_to_none=True)
-        self.captured = torch.cuda.CUDAGraph()
-        # thread_local: the host-data prefetch thread may allocate pinned memory while this thread captures
-        with torch.cuda.graph(self.captured, stream=side, capture_error_mode="thread_local"):
-            self.losses = self.body(self.x)
-        self._restore(saved)
+        try:
+            self.x = x.clone()
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                for _ in range(WARMUP_STEPS):
+                    self.optimizer.zero_grad(set_to_none=True)
+                    self.body(self.x)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            self.optimizer.zero_grad(set_to_none=True)
+            self.captured = torch.cuda.CUDAGraph()
+            # thread_local: the host-data prefetch thread may allocate pinned memory while this thread captures
+            with torch.cuda.graph(self.captured, stream=side, capture_error_mode="thread_local"):
+                self.losses = self.body(self.x)
+        finally:  # also when the capture fails: the eager fallback starts from the same state
+            self._restore(saved)
 
     def _state(self) -> dict[str, torch.Tensor | None]:
         """Copies of everything a step changes: weights, buffers, Adam's state, the running statistics."""

@@ -378,3 +378,24 @@ def test_running_out_of_gpu_memory_names_the_settings_to_lower(tmp_path, monkeyp
     with pytest.raises(MemoryError, match="lower batch_size or expansion_factor, or use dtype='bfloat16'"):
         train_sae(SAE(8, 16), low_rank_data(n=300), epochs=1, batch_size=64, progress=False, run_dir=tmp_path)
 
+
+
+def test_a_failed_graph_capture_falls_back_to_the_eager_step_and_says_so(monkeypatch):
+    def broken(self, x):
+        raise RuntimeError("CUDA error: operation failed due to a previous error during capture")
+
+    data = low_rank_data(n=300)
+    torch.manual_seed(0)
+    eager = train_sae(SAE(8, 16), data, epochs=1, batch_size=64, progress=False).sae
+    monkeypatch.setattr(Stepper, "_capture", broken)
+    original_init = Stepper.__init__
+
+    def graphed(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        self.graph = True  # as on CUDA
+
+    monkeypatch.setattr(Stepper, "__init__", graphed)
+    torch.manual_seed(0)
+    with pytest.warns(UserWarning, match="training continues eagerly"):
+        fallback = train_sae(SAE(8, 16), data, epochs=1, batch_size=64, progress=False).sae
+    assert torch.equal(fallback.W_enc, eager.W_enc)
