@@ -91,7 +91,10 @@ def test_cards_on_device_equal_cpu_and_leave_the_sae_where_it_was(tmp_path, devi
                                 explorer.profile, unembed=explorer.unembed.to(device), device=device, window=(2, 1))
     for feature in range(len(VOCAB)):
         assert on_device.highlight(feature) == explorer.highlight(feature)
-        assert on_device.logits(feature).equals(explorer.logits(feature))
+        # equal logits may differ by an ulp between devices (reduction order), so ties can swap places
+        expected = explorer.logits(feature).assign(logit=lambda t: t["logit"].round(5))
+        got = on_device.logits(feature).assign(logit=lambda t: t["logit"].round(5))
+        assert sorted(map(tuple, got.to_numpy())) == sorted(map(tuple, expected.to_numpy()))
     assert {p.device.type for p in explorer.sae.parameters()} == {"cpu"}  # the encoder copy went, not the SAE
     assert explorer.highlight(2).count("border:2px") == 2  # two examples shown: the comparison is not vacuous
     assert FeatureExplorer(explorer.mae, explorer.sae, explorer.store, contexts, explorer.tokenizer,
