@@ -18,8 +18,9 @@ from urllib.parse import urlparse
 
 RECIPES = ("tied_l1", "l1", "topk")
 STORE_DTYPES = ("float16", "bfloat16", "float32")
+OFFLINE_LMS = ("trained", "random")  # profile.offline_lm: saelab.offline_lm trains one, or seeded random weights
 B_DEC_INITS = ("zeros", "mean", "geometric_median")  # saelab.recipes.init_b_dec (a test keeps them equal)
-OFFLINE_MODEL = "offline-tiny"  # a seeded random GPT-2-architecture model built from a config
+OFFLINE_MODEL = "offline-tiny"  # a small GPT-2-architecture model saelab trains on the offline corpus
 OFFLINE_CORPUS = "offline:installed-docs"  # dataset_id of the corpus harvested from installed docstrings
 EOT = "<|endoftext|>"  # GPT-2's separator, also the offline tokenizer's; BOS of every context
 
@@ -31,7 +32,7 @@ class Profile:
     name: str  # shown in every banner, figure title and file the run writes
 
     # --- language model and hook
-    model_name: str = "gpt2"  # TransformerLens name; "offline-tiny" = seeded random model, no download
+    model_name: str = "gpt2"  # TransformerLens name; "offline-tiny" = small GPT-2 trained here, no download
     hook: str = "blocks.6.hook_resid_pre"  # seed "layer 6" = HF hidden_states[6]
     d_in: int = 768  # width of the hooked residual stream (GPT-2 small: 768)
 
@@ -58,6 +59,16 @@ class Profile:
     offline_vocab_size: int = 4_096  # BPE vocabulary trained at run time on the offline corpus
     offline_n_layers: int = 8  # must exceed the hook's layer (blocks.6 needs >= 7)
     offline_n_heads: int = 4  # d_head = d_in / offline_n_heads
+    # "trained": saelab trains it once on the offline corpus (minus the held-out "mae" documents) when
+    # notebook 02 first loads it, saved in runs/<profile>/lm/ (saelab.offline_lm); "random": seeded random
+    # weights, random LayerNorm parameters too, for the cross-implementation tests (tests/test_lm.py)
+    offline_lm: str = "trained"
+    offline_lm_steps: int = 1_000  # optimizer steps of that training
+    offline_lm_batch_size: int = 32  # contexts of context_size tokens per step
+    offline_lm_lr: float = 3e-3  # AdamW peak learning rate: linear warm-up (5% of steps), cosine decay to 10%
+    offline_lm_texts: int = 0  # corpus documents it trains on (0 = all but the held-out "mae" ones)
+    offline_lm_eval_every: int = 50  # steps between held-out evaluations (the points of its training curve)
+    offline_lm_threads: int = 0  # CPU threads while it trains (0 = every core); torch_threads applies after
 
     # --- SAE
     recipe: str = "tied_l1"  # tied_l1 (the seed) | l1 (untied) | topk (Gao et al. 2024)
@@ -125,7 +136,7 @@ class Profile:
             problems.append(f"torch_threads={self.torch_threads}: 0 (torch's default) or a positive thread count")
         if not (self.lr > 0 and self.l1_coefficient >= 0):
             problems.append("lr must be > 0 and l1_coefficient >= 0")
-        problems += self._training_problems() + self._synthetic_problems()
+        problems += self._training_problems() + self._synthetic_problems() + self._offline_lm_problems()
         if self.context_size < 2 and self.exclude_first_position:
             problems.append("context_size must be >= 2 when exclude_first_position is set")
         if self.is_offline and not problems and self.offline_n_layers <= self.layer:
@@ -171,6 +182,22 @@ class Profile:
             problems.append("synth_mean_active and synth_lr must be > 0")
         return problems
 
+    def _offline_lm_problems(self) -> list[str]:
+        def count(name: str, minimum: int) -> bool:
+            value = getattr(self, name)
+            return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+        problems = [f"{name}={getattr(self, name)!r}: must be a positive integer" for name in
+                    ("offline_lm_steps", "offline_lm_batch_size", "offline_lm_eval_every") if not count(name, 1)]
+        problems += [f"{name}={getattr(self, name)!r}: an integer >= 0 (0 = {meaning})" for name, meaning in
+                     (("offline_lm_texts", "every document"), ("offline_lm_threads", "every core"))
+                     if not count(name, 0)]
+        if self.offline_lm not in OFFLINE_LMS:
+            problems.append(f"offline_lm={self.offline_lm!r}: choose one of {OFFLINE_LMS}")
+        if not self.offline_lm_lr > 0:
+            problems.append(f"offline_lm_lr={self.offline_lm_lr}: must be > 0")
+        return problems
+
     @property
     def d_sae(self) -> int:
         return self.expansion_factor * self.d_in
@@ -211,10 +238,16 @@ class Profile:
                  f"{self.n_texts:,} texts x {self.context_size} tokens, SAE {self.d_in}->{self.d_sae} "
                  f"({self.recipe}), {self.epochs} epochs"]
         if self.is_offline:
-            lines.append("OFFLINE PROFILE: a small random-weight model on a locally built corpus. "
-                         "Its features are NOT GPT-2 features; use it to check the pipeline, not to "
-                         "interpret GPT-2.")
+            lines.append(f"OFFLINE PROFILE: {self.offline_lm_description} on a locally built corpus. "
+                         "Its features are NOT GPT-2 features; use it to learn the workbook and check the "
+                         "pipeline, not to interpret GPT-2.")
         return "\n".join(lines)
+
+    @property
+    def offline_lm_description(self) -> str:
+        """What the offline model is, for banners and figure notes."""
+        return ("a small random-weight model" if self.offline_lm == "random"
+                else "a small model trained on Python docstrings")
 
     def __repr__(self) -> str:
         return self.banner()
