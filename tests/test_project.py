@@ -52,7 +52,7 @@ FLOORS = {  # STYLE.md: each module imports only from its own floor or below
     1: {"sae", "loss", "metrics", "synthetic", "recipes"},  # pure tensor code: no files, no model
     2: {"config", "paths", "store", "plots", "batching", "checkpoint", "tracking", "progress"},
     3: {"corpus", "data", "offline_lm", "lm", "analysis"},
-    4: {"capture", "train", "loop", "cards", "ground_truth", "workbook"},
+    4: {"capture", "train", "loop", "cards", "ground_truth", "workbook", "baseline"},
 }
 
 
