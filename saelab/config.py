@@ -63,12 +63,17 @@ class Profile:
     # notebook 02 first loads it, saved in runs/<profile>/lm/ (saelab.offline_lm); "random": seeded random
     # weights, random LayerNorm parameters too, for the cross-implementation tests (tests/test_lm.py)
     offline_lm: str = "trained"
-    offline_lm_steps: int = 1_000  # optimizer steps of that training
-    offline_lm_batch_size: int = 32  # contexts of context_size tokens per step
-    offline_lm_lr: float = 3e-3  # AdamW peak learning rate: linear warm-up (5% of steps), cosine decay to 10%
+    # Sized by measurement on a shared 2-core CPU (d_in 64, 8 layers, vocabulary 1,024): 800 steps of 16
+    # contexts (~0.8M tokens, ~2.2 passes over the corpus) take ~85 s and reach ~0.70x the unigram CE;
+    # 600 steps reached 0.72, batch 8 or 32 and lr 5e-3 or 2e-2 did worse for the same tokens.
+    offline_lm_steps: int = 800  # optimizer steps of that training
+    offline_lm_batch_size: int = 16  # contexts of context_size tokens per step
+    offline_lm_lr: float = 1e-2  # AdamW peak learning rate: linear warm-up (5% of steps), cosine decay to 10%
     offline_lm_texts: int = 0  # corpus documents it trains on (0 = all but the held-out "mae" ones)
     offline_lm_eval_every: int = 50  # steps between held-out evaluations (the points of its training curve)
-    offline_lm_threads: int = 0  # CPU threads while it trains (0 = every core); torch_threads applies after
+    # CPU threads while it trains (0 = every core). 1: on 2 cores, 2 threads were no faster at this size and
+    # 10x slower while the other core was busy (measured); torch_threads applies again afterwards
+    offline_lm_threads: int = 1
 
     # --- SAE
     recipe: str = "tied_l1"  # tied_l1 (the seed) | l1 (untied) | topk (Gao et al. 2024)
@@ -270,6 +275,9 @@ QUICK = dataclasses.replace(
 OFFLINE = dataclasses.replace(
     GPT2, name="offline", model_name=OFFLINE_MODEL, dataset_id=OFFLINE_CORPUS, dataset_revision=None,
     d_in=64, n_texts=400, context_size=64, capture_batch_size=16, shard_rows=4_096,
+    # 1,024 BPE tokens: the ~375k-token corpus sees each token often enough for a small model to learn it
+    # (at 4,096 even a bigram model is only 0.82x the unigram CE, and the model trains ~20% slower)
+    offline_vocab_size=1_024,
     store_dtype="float32", epochs=5, batch_size=256, mae_texts=100,
     # The offline model and SAE are tiny (width 64): intra-op threads cost more than they give there
     # (measured on a shared 2-core CPU: 2 threads made notebook 03's training and CE evaluation 5-10x slower).

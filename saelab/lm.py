@@ -142,7 +142,7 @@ def model_card(profile: Profile, model) -> pd.Series:
         card |= {"trained on": f"{done['documents']:,} documents = {done['train_contexts']:,} contexts "
                                "(the held-out 'mae' documents excluded)",
                  "training": f"{steps:,} steps, {done['tokens_seen']:,} tokens ({passes:.1f} passes)",
-                 "trained in": f"{done['seconds']:.0f} s on {done['device']}, {done['threads']} threads",
+                 "trained in": f"{done['seconds']:.0f} s on {done['device']}, {done['threads']} CPU thread(s)",
                  "held-out CE (nats/token)": round(record["held_out_ce"], 3),
                  "unigram baseline CE": round(record["unigram_ce"], 3),
                  "saved in": record["directory"]}

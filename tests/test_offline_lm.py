@@ -64,7 +64,6 @@ def test_training_moves_the_held_out_loss_off_its_start(small):
     lm.load_lm(small.replace(offline_lm_steps=20, offline_lm_eval_every=20), "cpu", progress=False)
     history = lm.training_history(small.replace(offline_lm_steps=20, offline_lm_eval_every=20))
     assert history["held_out_loss"].iloc[-1] < history["held_out_loss"].iloc[0]
-    assert history["held_out_loss"].iloc[0] == pytest.approx(math.log(small.offline_vocab_size), abs=0.1)
 
 
 def test_killed_training_leaves_no_loadable_model(small, monkeypatch):
