@@ -121,7 +121,7 @@ def training_record(profile: Profile) -> dict | None:
         return None
     directory, settings = offline_lm.model_dir(profile, _offline_tokenizer(profile))
     try:
-        return {**offline_lm.read_record(directory), "directory": str(directory)}
+        return {**offline_lm.read_record(directory), "directory": str(directory.relative_to(paths.root()))}
     except offline_lm.InvalidSavedModel:
         return None
 
