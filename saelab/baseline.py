@@ -44,12 +44,12 @@ def random_twin_alignment(profile: Profile, lm, max_contexts: int = 1024, tokeni
     lr, λ, batch and epochs) on a random-weight twin of `lm`, over the first `max_contexts` contexts of
     the "train" split (offline: all of them); examples from the held-out "mae" split, as notebook 04.
     Runs where `lm` lives."""
-    twin = random_twin(lm, seed=profile.seed)
+    twin, device = random_twin(lm, seed=profile.seed), next(lm.parameters()).device
     contexts = {split: load_tokens(profile, split) for split in ("train", "mae")}
     ids = {split: torch.tensor(rows.select(range(min(max_contexts, len(rows))))["input_ids"], dtype=torch.int64)
            for split, rows in contexts.items()}
     activations, _ = capture_in_memory(twin, ids["train"], profile.hook, profile.exclude_first_position)
-    sae = sae_for_profile(profile).to(next(lm.parameters()).device)
+    sae = sae_for_profile(profile).to(device)
     train_sae(sae, activations, epochs=profile.epochs, lr=profile.lr, l1_coefficient=profile.l1_coefficient,
               batch_size=profile.batch_size, progress=False)
     held_out, index = capture_in_memory(twin, ids["mae"], profile.hook, profile.exclude_first_position)
@@ -57,6 +57,6 @@ def random_twin_alignment(profile: Profile, lm, max_contexts: int = 1024, tokeni
         writer = StoreWriter(folder, model_name=twin.cfg.model_name, hook=profile.hook, d_in=held_out.shape[1],
                              dtype="float32")
         writer.add_shard(held_out, index, contexts=len(ids["mae"]))
-        mae = max_activating(sae, writer.finish(), profile.mae_top_k, device=held_out.device, progress=False)
+        mae = max_activating(sae, writer.finish(), profile.mae_top_k, device=device, progress=False)
     top = top_features(mae.stats, "total_activation", profile.mae_top_features)
     return text_alignment(mae, top.index, tokenizer)
