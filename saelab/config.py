@@ -61,10 +61,11 @@ class Profile:
     offline_n_heads: int = 4  # d_head = d_in / offline_n_heads
     # "trained": saelab trains it once on the offline corpus (minus the held-out "mae" documents) when
     # notebook 02 first loads it, saved in runs/<profile>/lm/ (saelab.offline_lm); "random": seeded random
-    # weights, random LayerNorm parameters too, for the cross-implementation tests (tests/test_lm.py)
+    # weights (GPT-2's init), no training: the unit tests' model (tests/tiny.py: capture and
+    # cross-implementation checks need a model, not a trained one)
     offline_lm: str = "trained"
     # Sized by measurement on a shared 2-core CPU (d_in 64, 8 layers, vocabulary 1,024): 800 steps of 16
-    # contexts (~0.8M tokens, ~2.2 passes over the corpus) take ~85 s and reach ~0.70x the unigram CE;
+    # contexts (~0.8M tokens, ~1.7 passes over the corpus) take ~85 s and reach ~0.70x the unigram CE;
     # 600 steps reached 0.72, batch 8 or 32 and lr 5e-3 or 2e-2 did worse for the same tokens.
     offline_lm_steps: int = 800  # optimizer steps of that training
     offline_lm_batch_size: int = 16  # contexts of context_size tokens per step

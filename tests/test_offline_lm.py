@@ -178,3 +178,13 @@ def test_profile_checks_the_offline_lm_fields(tiny):
         tiny.replace(offline_lm_steps=0)
     with pytest.raises(ValueError, match=r"offline_lm_threads=-1: an integer >= 0 \(0 = every core\)"):
         tiny.replace(offline_lm_threads=-1)
+
+
+def test_describe_lm_reads_both_bars():
+    import pandas as pd
+
+    good = lm.describe_lm(pd.Series({"ce": 3.0, "unigram_ce": 6.0, "ce_over_unigram": 0.5, "ablation_gap": 2.0}))
+    assert good.count("meets the bar") == 2 and "0.50 x the unigram baseline's 6.000" in good
+    borderline = lm.describe_lm(pd.Series({"ce": 4.5, "unigram_ce": 6.0, "ce_over_unigram": 0.75,
+                                           "ablation_gap": 0.5}))
+    assert "meets the bar <= 0.75" in borderline and "MISSES the bar >= 1" in borderline
