@@ -118,11 +118,12 @@ def load(directory: Path, settings: dict):
     weights = Path(directory) / WEIGHTS
     if not weights.is_file() or _sha256(weights) != record.get("weights_sha256"):
         raise InvalidSavedModel(f"{WEIGHTS} is missing or differs from the one saved (sha256)")
-    model = GPT2LMHeadModel(GPT2Config.from_dict(record["gpt2_config"]))
     try:
+        model = GPT2LMHeadModel(GPT2Config.from_dict(record["gpt2_config"]))
         load_model(model, weights, strict=True)
-    except Exception as err:  # wrong tensor names or shapes
-        raise InvalidSavedModel(f"{WEIGHTS} does not fit the recorded config ({err})") from err
+    except Exception as err:  # no recorded architecture, or tensors of other names or shapes
+        reason = (str(err).strip().splitlines() or [""])[0][:160]  # torch lists every key: the first line says it
+        raise InvalidSavedModel(f"{WEIGHTS} does not fit the recorded config ({type(err).__name__}: {reason})") from err
     return model.eval()
 
 

@@ -90,7 +90,7 @@ def test_killed_save_leaves_no_loadable_model_and_the_next_run_trains(small, mon
 
 
 @pytest.mark.parametrize("damage", ["flip a weight byte", "truncate the config", "other settings in the config",
-                                    "delete the weights"])
+                                    "another architecture in the config", "delete the weights"])
 def test_a_damaged_saved_model_is_refused_and_retrained(small, damage):
     first = weights_of(lm.load_lm(small, "cpu", progress=False))
     directory = saved(small)
@@ -104,6 +104,10 @@ def test_a_damaged_saved_model_is_refused_and_retrained(small, damage):
     elif damage == "other settings in the config":
         record = json.loads(config.read_text())
         record["settings"]["d_in"] = 32
+        config.write_text(json.dumps(record))
+    elif damage == "another architecture in the config":  # settings and weights as saved: the shapes disagree
+        record = json.loads(config.read_text())
+        record["gpt2_config"]["n_layer"] = 2
         config.write_text(json.dumps(record))
     else:
         weights.unlink()
