@@ -240,3 +240,61 @@ def top_logit_tokens(logits: torch.Tensor, tokenizer, n: int = 10) -> pd.DataFra
     return pd.DataFrame({"token_id": ids, "token": [tokenizer.decode([i]) for i in ids],
                          "logit": torch.cat([up.values[:n], -down.values[:n]]).tolist(),
                          "effect": ["promoted"] * n + ["suppressed"] * n})
+
+
+# ---------------------------------------------------------------- are the top features about text? (issue 10)
+# A feature of a random-weight model fires at one position whatever the token (its residual stream is mostly
+# the position embedding); a feature of a model that learned text fires on a token or a kind of token,
+# wherever it stands. These two numbers, per feature, over its top examples, tell the two apart.
+
+
+def _most_common(values: torch.Tensor) -> tuple[int, int]:
+    """(value, count) of the most common value of a 1-D tensor; ties: the smallest value."""
+    unique, counts = values.unique(return_counts=True)  # sorted ascending
+    best = int(counts.argmax())  # first maximum
+    return int(unique[best]), int(counts[best])
+
+
+def token_purity(rows: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+    """(features,) share of a feature's top examples whose token is its most common token (1 = all the same).
+
+    rows: (features, k) store rows of the examples, -1 = no example; token_ids: (n_rows,) the store's
+    per-row token id. NaN for a feature without examples."""
+    out = torch.full((rows.shape[0],), float("nan"))
+    for f, feature_rows in enumerate(rows):
+        tokens = token_ids[feature_rows[feature_rows >= 0]]
+        if len(tokens):
+            out[f] = _most_common(tokens)[1] / len(tokens)
+    return out
+
+
+def position_spread(rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """(features,) standard deviation (population, in tokens) of the positions of a feature's top examples:
+    0 = all at one position. rows as in `token_purity`; positions: (n_rows,) per store row."""
+    out = torch.full((rows.shape[0],), float("nan"))
+    for f, feature_rows in enumerate(rows):
+        at = positions[feature_rows[feature_rows >= 0]].double()
+        if len(at):
+            out[f] = at.std(correction=0)
+    return out
+
+
+def text_alignment(mae: MAEResult, features, tokenizer=None) -> pd.DataFrame:
+    """Per feature (the given ids, in order): its most common top-example token, token purity, position spread
+    and number of examples, from one `max_activating` pass."""
+    features = torch.as_tensor(list(features), dtype=torch.int64)
+    rows, token_ids = mae.rows[features], mae.index["token_id"]
+    top_token = [_most_common(token_ids[r[r >= 0]])[0] if (r >= 0).any() else -1 for r in rows]
+    frame = pd.DataFrame({"top_token_id": top_token, "token_purity": token_purity(rows, token_ids).numpy(),
+                          "position_spread": position_spread(rows, mae.index["position"]).numpy(),
+                          "examples": (rows >= 0).sum(1).numpy()}, index=pd.Index(features.tolist(), name="feature"))
+    if tokenizer is not None:
+        frame.insert(1, "top_token", [tokenizer.decode([t]) if t >= 0 else "" for t in top_token])
+    return frame
+
+
+def alignment_summary(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """Mean token purity and position spread (tokens) over each table's features; a column per model."""
+    return pd.DataFrame({name: {"features": len(t), "mean token purity": t["token_purity"].mean(),
+                                "mean position spread (tokens)": t["position_spread"].mean()}
+                         for name, t in tables.items()})

@@ -36,6 +36,7 @@ from saelab.config import Profile, default_device
 from saelab.data import load_tokens, read_info, token_settings
 from saelab.devices import check_device, tf32_matmuls
 from saelab.lm import LM_SETTINGS, check_hook, load_lm
+from saelab.offline_lm import training_settings
 from saelab.store import DTYPES, INDEX_FIELDS, MANIFEST, ActivationStore, StoreWriter
 
 STATS = "capture_stats.json"  # throughput of the last capture run; not part of the store's identity
@@ -54,17 +55,29 @@ def store_metadata(profile: Profile, split: str, lm) -> dict:
     return {"profile": profile.name, "split": split, "context_size": profile.context_size,
             "exclude_first_position": profile.exclude_first_position, "lm_settings": LM_SETTINGS,
             "lm_config": {k: getattr(lm.cfg, k) for k in ("n_layers", "d_model", "n_heads", "d_mlp", "d_vocab")},
-            "tokens": read_info(profile)["settings"], "random_weights": profile.is_offline, "seed": profile.seed}
+            "tokens": read_info(profile)["settings"], "random_weights": random_weights(profile), "seed": profile.seed,
+            **offline_lm_identity(profile)}
+
+
+def random_weights(profile: Profile) -> bool:
+    """True when the profile's LM is the seeded random-weight model (offline, offline_lm="random")."""
+    return profile.is_offline and profile.offline_lm == "random"
+
+
+def offline_lm_identity(profile: Profile) -> dict:
+    """Offline, trained: the settings the LM was trained with, so activations of another LM are stale."""
+    return {"offline_lm": training_settings(profile)} if profile.is_offline and not random_weights(profile) else {}
 
 
 def _expected(profile: Profile, split: str) -> dict:
     """The store's identity as far as the profile alone fixes it (no model loaded): manifest and metadata."""
     lm_config = {"d_model": profile.d_in}
-    if profile.is_offline:  # the random model's shape comes from the profile (lm.random_gpt2)
+    if profile.is_offline:  # the offline model's shape comes from the profile (saelab.offline_lm)
         lm_config |= {"n_layers": profile.offline_n_layers, "n_heads": profile.offline_n_heads}
     metadata = {"split": split, "context_size": profile.context_size, "lm_settings": LM_SETTINGS,
                 "exclude_first_position": profile.exclude_first_position, "tokens": token_settings(profile),
-                "random_weights": profile.is_offline, "seed": profile.seed, "lm_config": lm_config}
+                "random_weights": random_weights(profile), "seed": profile.seed, "lm_config": lm_config,
+                **offline_lm_identity(profile)}
     return {"model_name": profile.model_name, "hook": profile.hook, "d_in": profile.d_in,
             "dtype": profile.store_dtype, "metadata": metadata}
 

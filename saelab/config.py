@@ -17,6 +17,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 STORE_DTYPES = ("float16", "bfloat16", "float32")
+OFFLINE_LMS = ("trained", "random")  # profile.offline_lm: saelab.offline_lm trains one, or seeded random weights
 B_DEC_INITS = ("zeros", "mean", "geometric_median")  # saelab.sae.SAE.init_b_dec (a test keeps them equal)
 LR_SCHEDULERS = ("constant", "cosineannealing")  # SAELens' lr_scheduler_name values that saelab implements
 TRAIN_DTYPES = ("float32", "bfloat16")
@@ -28,7 +29,7 @@ TRAINING_FIELDS = ("l1_coefficient", "l0_coefficient", "lr", "lr_scheduler_name"
 # Old names and what replaced them, so an old profile JSON gets a message rather than "unknown field".
 RENAMED = {"recipe": "architecture (tied_l1 -> 'tied', l1 -> 'standard', topk -> 'topk')",
            "l1_warmup_steps": "l1_warm_up_steps (SAELens' name)"}
-OFFLINE_MODEL = "offline-tiny"  # a seeded random GPT-2-architecture model built from a config
+OFFLINE_MODEL = "offline-tiny"  # a small GPT-2-architecture model saelab trains on the offline corpus
 OFFLINE_CORPUS = "offline:installed-docs"  # dataset_id of the corpus harvested from installed docstrings
 EOT = "<|endoftext|>"  # GPT-2's separator, also the offline tokenizer's; BOS of every context
 
@@ -40,7 +41,7 @@ class Profile:
     name: str  # shown in every banner, figure title and file the run writes
 
     # --- language model and hook
-    model_name: str = "gpt2"  # TransformerLens name; "offline-tiny" = seeded random model, no download
+    model_name: str = "gpt2"  # TransformerLens name; "offline-tiny" = small GPT-2 trained here, no download
     hook: str = "blocks.6.hook_resid_pre"  # seed "layer 6" = HF hidden_states[6]
     d_in: int = 768  # width of the hooked residual stream (GPT-2 small: 768)
 
@@ -67,6 +68,22 @@ class Profile:
     offline_vocab_size: int = 4_096  # BPE vocabulary trained at run time on the offline corpus
     offline_n_layers: int = 8  # must exceed the hook's layer (blocks.6 needs >= 7)
     offline_n_heads: int = 4  # d_head = d_in / offline_n_heads
+    # "trained": saelab trains it once on the offline corpus (minus the held-out "mae" documents) when
+    # notebook 02 first loads it, saved in runs/<profile>/lm/ (saelab.offline_lm); "random": seeded random
+    # weights (GPT-2's init), no training: the unit tests' model (tests/tiny.py: capture and
+    # cross-implementation checks need a model, not a trained one)
+    offline_lm: str = "trained"
+    # Sized by measurement on a shared 2-core CPU (d_in 64, 8 layers, vocabulary 1,024): 800 steps of 16
+    # contexts (~0.8M tokens, ~1.7 passes over the corpus) take ~85 s and reach ~0.70x the unigram CE;
+    # 600 steps reached 0.72, batch 8 or 32 and lr 5e-3 or 2e-2 did worse for the same tokens.
+    offline_lm_steps: int = 800  # optimizer steps of that training
+    offline_lm_batch_size: int = 16  # contexts of context_size tokens per step
+    offline_lm_lr: float = 1e-2  # AdamW peak learning rate: linear warm-up (5% of steps), cosine decay to 10%
+    offline_lm_texts: int = 0  # corpus documents it trains on (0 = all but the held-out "mae" ones)
+    offline_lm_eval_every: int = 50  # steps between held-out evaluations (the points of its training curve)
+    # CPU threads while it trains (0 = every core). 1: on 2 cores, 2 threads were no faster at this size and
+    # 10x slower while the other core was busy (measured); torch_threads applies again afterwards
+    offline_lm_threads: int = 1
 
     # --- SAE (saelab.architectures; `architecture` picks the class, the fields below its options)
     architecture: str = "tied"  # tied (the seed) | standard | topk | batchtopk | jumprelu
@@ -171,7 +188,8 @@ class Profile:
             problems.append(f"sae_path={self.sae_path!r}: a folder path as a string, or None for notebook 03's SAE")
         if not (isinstance(self.torch_threads, int) and self.torch_threads >= 0):
             problems.append(f"torch_threads={self.torch_threads}: 0 (torch's default) or a positive thread count")
-        problems += self._training_problems() + self._synthetic_problems() + self._interpretability_problems()
+        problems += (self._training_problems() + self._synthetic_problems() + self._interpretability_problems()
+                     + self._offline_lm_problems())
         if self.context_size < 2 and self.exclude_first_position:
             problems.append("context_size must be >= 2 when exclude_first_position is set")
         if self.is_offline and not problems and self.offline_n_layers <= self.layer:
@@ -237,6 +255,22 @@ class Profile:
                 if not (isinstance(getattr(self, name), int) and not isinstance(getattr(self, name), bool)
                         and getattr(self, name) >= minimum)]
 
+    def _offline_lm_problems(self) -> list[str]:
+        def count(name: str, minimum: int) -> bool:
+            value = getattr(self, name)
+            return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+        problems = [f"{name}={getattr(self, name)!r}: must be a positive integer" for name in
+                    ("offline_lm_steps", "offline_lm_batch_size", "offline_lm_eval_every") if not count(name, 1)]
+        problems += [f"{name}={getattr(self, name)!r}: an integer >= 0 (0 = {meaning})" for name, meaning in
+                     (("offline_lm_texts", "every document"), ("offline_lm_threads", "every core"))
+                     if not count(name, 0)]
+        if self.offline_lm not in OFFLINE_LMS:
+            problems.append(f"offline_lm={self.offline_lm!r}: choose one of {OFFLINE_LMS}")
+        if not self.offline_lm_lr > 0:
+            problems.append(f"offline_lm_lr={self.offline_lm_lr}: must be > 0")
+        return problems
+
     @property
     def d_sae(self) -> int:
         return self.expansion_factor * self.d_in
@@ -282,10 +316,16 @@ class Profile:
         if self.sae_path:
             lines.append(f"SAE analysed in notebook 04: {self.sae_path} (sae_path), not notebook 03's")
         if self.is_offline:
-            lines.append("OFFLINE PROFILE: a small random-weight model on a locally built corpus. "
-                         "Its features are NOT GPT-2 features; use it to check the pipeline, not to "
-                         "interpret GPT-2.")
+            lines.append(f"OFFLINE PROFILE: {self.offline_lm_description} on a locally built corpus. "
+                         "Its features are NOT GPT-2 features; use it to learn the workbook and check the "
+                         "pipeline, not to interpret GPT-2.")
         return "\n".join(lines)
+
+    @property
+    def offline_lm_description(self) -> str:
+        """What the offline model is, for banners and figure notes."""
+        return ("a small random-weight model" if self.offline_lm == "random"
+                else "a small model trained on Python docstrings")
 
     def __repr__(self) -> str:
         return self.banner()
@@ -308,6 +348,9 @@ QUICK = dataclasses.replace(
 OFFLINE = dataclasses.replace(
     GPT2, name="offline", model_name=OFFLINE_MODEL, dataset_id=OFFLINE_CORPUS, dataset_revision=None,
     d_in=64, n_texts=400, context_size=64, capture_batch_size=16, shard_rows=4_096,
+    # 1,024 BPE tokens: the ~375k-token corpus sees each token often enough for a small model to learn it
+    # (at 4,096 even a bigram model is only 0.82x the unigram CE, and the model trains ~20% slower)
+    offline_vocab_size=1_024,
     store_dtype="float32", epochs=5, batch_size=256, mae_texts=100,
     dashboard_features=12,  # committed under figures/offline/dashboards: a dozen pages show the format
     # The offline model and SAE are tiny (width 64): intra-op threads cost more than they give there

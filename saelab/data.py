@@ -148,7 +148,13 @@ def _write_split(profile: Profile, split: str, texts: list[str], tokenizer, batc
         raise DataSourceError(f"split {split!r}: {len(texts)} documents make no full context of "
                               f"{profile.context_size} tokens; use more documents or a smaller context_size")
     features = datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int32"))})
-    datasets.Dataset.from_dict({"input_ids": rows}, features=features).save_to_disk(str(target))
+    bars_were_on = not datasets.are_progress_bars_disabled()  # a sub-second save: its bar is noise in notebook 01
+    datasets.disable_progress_bars()
+    try:
+        datasets.Dataset.from_dict({"input_ids": rows}, features=features).save_to_disk(str(target))
+    finally:
+        if bars_were_on:
+            datasets.enable_progress_bars()
     return {"documents": len(texts), "document_tokens": sum(lengths), "contexts": len(rows),
             "context_tokens": len(rows) * profile.context_size, "document_lengths": lengths}
 

@@ -5,6 +5,7 @@ they ask this module. The root is `$SAELAB_ROOT` when set, else the checkout sae
 installed from (editable install), else the current directory.
 
     <root>/runs/<profile>/tokens/        token dataset (Arrow, notebook 01)
+    <root>/runs/<profile>/lm/<name>/     offline profile: the LM saelab trained (notebook 02)
     <root>/runs/<profile>/activations/   activation store (notebook 02)
     <root>/runs/<profile>/sae/<name>/    SAE checkpoints and history (notebook 03)
     <root>/figures/<profile>/            figures to share (committed for `offline`)
@@ -36,6 +37,11 @@ def run_dir(profile) -> Path:
 
 def tokens_dir(profile) -> Path:
     return run_dir(profile) / "tokens"
+
+
+def lm_dir(profile, name: str) -> Path:
+    """A language model saelab trained (offline profile); name encodes its settings (saelab.offline_lm)."""
+    return run_dir(profile) / "lm" / name
 
 
 def store_dir(profile, split: str = "train") -> Path:

@@ -42,7 +42,8 @@ from plotly.subplots import make_subplots
 from saelab import paths
 from saelab.config import Profile, default_device, describe_device
 
-OFFLINE_NOTE = "offline profile: random-weight model, NOT GPT-2"
+OFFLINE_NOTE = "offline profile: small model trained on docstrings, NOT GPT-2"
+RANDOM_LM_NOTE = "offline profile: random-weight model, NOT GPT-2"  # profile.offline_lm == "random"
 SYNTHETIC_SOURCE = "synthetic data (no language model, not GPT-2)"  # notebook 05's data comes from no model
 _png_state: dict[str, object] = {"warned": False, "server": False, "reason": None}
 SIGNIFICANT_DIGITS = 4  # numbers stored in saved figures: what a hover shows, and no float noise beyond it
@@ -57,7 +58,8 @@ def _origin(profile: Profile, device: str | None, source: str | None = None) -> 
     origin = f"profile {profile.name}, {source or profile.model_name}, on {describe_device(device or default_device())}"
     if profile.sae_path and source is None:  # notebook 04 on an SAE from elsewhere: say which one
         origin += f", SAE {Path(profile.sae_path).name}"
-    return f"{origin} · {OFFLINE_NOTE}" if profile.is_offline and source is None else origin
+    note = RANDOM_LM_NOTE if profile.offline_lm == "random" else OFFLINE_NOTE
+    return f"{origin} · {note}" if profile.is_offline and source is None else origin
 
 
 def caption(text: str, profile: Profile, device: str | None = None, source: str | None = None) -> str:
@@ -424,4 +426,35 @@ def interpretability_comparison(summary: pd.DataFrame, probing: pd.DataFrame, pr
     fig.update_layout(title=figure_title("SAE features against other directions, scored without an LM judge",
                                          profile, device),
                       width=1100, height=540, margin={"t": 130}, legend={"orientation": "h", "y": -0.25})
+    return fig
+
+
+def lm_training_curve(history: pd.DataFrame, unigram_ce: float, profile: Profile, device: str | None = None, *,
+                      bar: float | None = None) -> go.Figure:
+    """The offline LM's training: held-out and training loss against tokens seen, with the unigram
+    baseline (and `bar` x it, the target) as horizontal lines. history: columns tokens, train_loss,
+    held_out_loss (as `saelab.lm.training_history`)."""
+    fig = go.Figure()
+    for column, name in (("held_out_loss", "held-out loss"), ("train_loss", "training loss (mean since last point)")):
+        fig.add_trace(go.Scatter(x=history["tokens"], y=history[column], name=name, mode="lines+markers"))
+    fig.add_hline(y=unigram_ce, line_dash="dash", line_color="#E45756",
+                  annotation_text=f"unigram baseline {unigram_ce:.2f}", annotation_position="top right")
+    if bar is not None:
+        fig.add_hline(y=bar * unigram_ce, line_dash="dot", line_color="#888",
+                      annotation_text=f"{bar:g} x unigram", annotation_position="bottom right")
+    fig.update_layout(title=figure_title("Offline language model: next-token loss while it trains", profile, device),
+                      xaxis_title="training tokens seen", yaxis_title="cross-entropy (nats/token)",
+                      legend={"x": 0.98, "xanchor": "right", "y": 0.98}, margin={"t": 110})
+    return fig
+
+
+def norm_by_position_chart(norms: pd.DataFrame, hook: str, profile: Profile, device: str | None = None) -> go.Figure:
+    """Notebook 02: the hook's L2 norm by position, mean and 10-90% band (log y), as
+    `saelab.capture.norm_by_position` returns it (columns position, mean_norm, q10, q90)."""
+    names = {"mean_norm": "mean", "q90": "90th percentile", "q10": "10th percentile"}
+    fig = go.Figure([go.Scatter(x=norms["position"], y=norms[column], name=name, mode="lines",
+                                line={"dash": "solid" if column == "mean_norm" else "dot"})
+                     for column, name in names.items()])
+    fig.update_layout(title=figure_title(f"{hook} norm by position", profile, device), xaxis_title="position",
+                      yaxis_title="L2 norm", yaxis_type="log", legend_title_text="over contexts", margin={"t": 110})
     return fig

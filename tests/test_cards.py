@@ -60,7 +60,7 @@ def test_feature_card_renders_and_checks_its_input(tmp_path):
     explorer.unembed = torch.eye(len(VOCAB))
     card = feature_card(3, explorer)
     page = card._repr_html_()
-    assert "Feature 3" in page and "offline" in page and "random-weight" in page
+    assert "Feature 3" in page and "offline" in page and "trained on docstrings" in page
     assert "firing_pct" in page and "frequency" not in page  # one unit per quantity, as the tables
     assert repr(card).startswith("Feature 3: fires on ") and "top example tokens ' c'" in repr(card)
     assert card.logits.iloc[0]["token"] == " c"  # feature 3's direction promotes token 3 most

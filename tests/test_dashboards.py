@@ -107,7 +107,7 @@ def test_pages_are_self_contained_and_show_every_part(tmp_path):
         assert "<script" not in page and "src=" not in page and "@import" not in page  # no code, nothing fetched
         links = re.findall(r"href='([^']+)'", page)
         assert all((index.parent / link).is_file() for link in links), (name, links)
-        assert "random-weight" in page  # the offline caption
+        assert "trained on docstrings" in page  # the offline caption
     page = pages["feature_3.html"]
     assert "<svg" in page and page.count("<rect") == 40  # the histogram, default 40 bins
     for part in ("Statistics", "fires on", "promoted", "suppressed", "Nearest features", "boxed", "Top activations",

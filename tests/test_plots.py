@@ -24,8 +24,9 @@ def fresh_png_state(monkeypatch):
 def test_titles_name_profile_device_and_offline_origin():
     offline, gpt2 = load_profile("offline"), load_profile("gpt2")
     title = plots.figure_title("Density", offline, "cpu")
-    assert "offline" in title and "cpu" in title and "random-weight" in title and "NOT GPT-2" in title
-    assert "random-weight" not in plots.figure_title("Density", gpt2, "cuda")
+    assert "offline" in title and "cpu" in title and "trained on docstrings" in title and "NOT GPT-2" in title
+    assert "random-weight" in plots.figure_title("Density", offline.replace(offline_lm="random"), "cpu")
+    assert "NOT GPT-2" not in plots.figure_title("Density", gpt2, "cuda")
     fig = plots.density_histogram(np.array([0.0, 0.0, 0.5, 0.01, 0.2]), offline, "cpu", dense_threshold=0.1)
     assert "dead (never fired): 2" in fig.layout.title.text and "offline" in fig.layout.title.text
     assert fig.data[0].x.tolist() == pytest.approx(np.log10([0.5, 0.01, 0.2]).tolist())  # dead left out
@@ -237,3 +238,21 @@ def test_offline_page_renders_the_message_and_png_in_chromium(tmp_path):
     dom = subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom", page.as_uri()],
                          capture_output=True, text=True, timeout=120).stdout
     assert "did not load" in dom and "No PNG was saved" in dom
+
+
+def test_lm_training_curve_draws_both_losses_and_the_baselines():
+    history = pd.DataFrame({"step": [0, 10], "tokens": [0, 640], "train_loss": [None, 5.0],
+                            "held_out_loss": [6.9, 5.5]})
+    fig = plots.lm_training_curve(history, 6.0, load_profile("offline"), "cpu", bar=0.75)
+    assert [trace.name for trace in fig.data] == ["held-out loss", "training loss (mean since last point)"]
+    assert list(fig.data[0].y) == [6.9, 5.5] and list(fig.data[0].x) == [0, 640]
+    assert [shape.y0 for shape in fig.layout.shapes] == [6.0, 4.5]  # unigram, 0.75 x unigram
+    assert "trained on docstrings" in fig.layout.title.text
+
+
+def test_norm_by_position_chart_has_readable_legend_names():
+    norms = pd.DataFrame({"position": [0, 1], "mean_norm": [9.0, 1.0], "q10": [8.0, 0.5], "q90": [10.0, 2.0]})
+    fig = plots.norm_by_position_chart(norms, "blocks.6.hook_resid_pre", load_profile("offline"), "cpu")
+    assert [trace.name for trace in fig.data] == ["mean", "90th percentile", "10th percentile"]
+    assert list(fig.data[2].y) == [8.0, 0.5] and fig.layout.legend.title.text == "over contexts"
+    assert fig.layout.yaxis.type == "log" and "variable" not in fig.to_json()

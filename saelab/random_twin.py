@@ -1,0 +1,62 @@
+"""The same pipeline on a random-weight twin of the language model, in memory (notebook 04).
+
+Are the SAE's top features about text because the model learned text, or would any network's
+residual stream give the same? `random_twin_alignment` answers cheaply: a seeded random-weight GPT-2
+of the model's shape (`lm.random_twin`) reads the same contexts; its activations stay in memory (the
+held-out ones pass through a temporary store, so that `analysis.max_activating` picks the examples
+exactly as notebook 04 does); an SAE of the profile's architecture is trained on them with `train_sae`; and
+its top features get the same token purity and position spread as the real model's.
+"""
+
+from __future__ import annotations
+
+import tempfile
+
+import pandas as pd
+import torch
+
+from saelab.analysis import max_activating, text_alignment, top_features
+from saelab.capture import row_index
+from saelab.config import Profile
+from saelab.data import load_tokens
+from saelab.lm import random_twin
+from saelab.store import StoreWriter
+from saelab.train import profile_training_options, sae_for_profile, train_sae
+
+
+@torch.inference_mode()
+def capture_in_memory(model, tokens: torch.Tensor, hook: str, skip_first_position: bool = True,
+                      batch_size: int = 32) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """(rows, d_model) float32 activations of `hook` over tokens (contexts, pos) and their per-row index
+    (context, position, token_id), rows in the order notebook 02's capture stores them."""
+    layer, device = int(hook.split(".")[1]), next(model.parameters()).device
+    parts = []
+    for first in range(0, len(tokens), batch_size):
+        ids = tokens[first:first + batch_size]  # (batch, pos)
+        _, cache = model.run_with_cache(ids.to(device), names_filter=[hook], stop_at_layer=layer + 1)
+        acts = cache[hook][:, 1 if skip_first_position else 0:].float().cpu()  # (batch, stored pos, d_model)
+        parts.append((acts.reshape(-1, acts.shape[-1]), row_index(ids, first, skip_first_position)))
+    index = {k: torch.cat([p[1][k] for p in parts]) for k in parts[0][1]}
+    return torch.cat([p[0] for p in parts]), index
+
+
+def random_twin_alignment(profile: Profile, lm, max_contexts: int = 1024, tokenizer=None) -> pd.DataFrame:
+    """`analysis.text_alignment` of the top `mae_top_features` features of an SAE trained (the profile's
+    architecture and training settings) on a random-weight twin of `lm`, over the first `max_contexts` contexts of
+    the "train" split (offline: all of them); examples from the held-out "mae" split, as notebook 04.
+    Runs where `lm` lives."""
+    twin, device = random_twin(lm, seed=profile.seed), next(lm.parameters()).device
+    contexts = {split: load_tokens(profile, split) for split in ("train", "mae")}
+    ids = {split: torch.tensor(rows.select(range(min(max_contexts, len(rows))))["input_ids"], dtype=torch.int64)
+           for split, rows in contexts.items()}
+    activations, _ = capture_in_memory(twin, ids["train"], profile.hook, profile.exclude_first_position)
+    sae = sae_for_profile(profile, device)
+    train_sae(sae, activations, progress=False, **profile_training_options(profile, sae))
+    held_out, index = capture_in_memory(twin, ids["mae"], profile.hook, profile.exclude_first_position)
+    with tempfile.TemporaryDirectory() as folder:  # max_activating reads a store: a temporary one
+        writer = StoreWriter(folder, model_name=twin.cfg.model_name, hook=profile.hook, d_in=held_out.shape[1],
+                             dtype="float32")
+        writer.add_shard(held_out, index, contexts=len(ids["mae"]))
+        mae = max_activating(sae, writer.finish(), profile.mae_top_k, device=device, progress=False)
+    top = top_features(mae.stats, "total_activation", profile.mae_top_features)
+    return text_alignment(mae, top.index, tokenizer)
