@@ -42,7 +42,7 @@ def capture_in_memory(model, tokens: torch.Tensor, hook: str, skip_first_positio
 
 def random_twin_alignment(profile: Profile, lm, max_contexts: int = 1024, tokenizer=None) -> pd.DataFrame:
     """`analysis.text_alignment` of the top `mae_top_features` features of an SAE trained (the profile's
-    architecture and training settings) on a random-weight twin of `lm`, over the first `max_contexts` contexts of
+    architecture and training settings, on activations rescaled to `lm`'s RMS norm) on a random-weight twin of `lm`, over the first `max_contexts` contexts of
     the "train" split (offline: all of them); examples from the held-out "mae" split, as notebook 04.
     Runs where `lm` lives."""
     twin, device = random_twin(lm, seed=profile.seed), next(lm.parameters()).device
@@ -50,9 +50,15 @@ def random_twin_alignment(profile: Profile, lm, max_contexts: int = 1024, tokeni
     ids = {split: torch.tensor(rows.select(range(min(max_contexts, len(rows))))["input_ids"], dtype=torch.int64)
            for split, rows in contexts.items()}
     activations, _ = capture_in_memory(twin, ids["train"], profile.hook, profile.exclude_first_position)
+    # a random model's residual stream is far smaller than a trained one's: rescale it to the trained
+    # model's RMS norm on the same contexts, so the profile's λ puts the same pressure on both SAEs
+    trained, _ = capture_in_memory(lm, ids["train"], profile.hook, profile.exclude_first_position)
+    scale = (trained.pow(2).sum(1).mean() / activations.pow(2).sum(1).mean()).sqrt()
+    activations = activations * scale
     sae = sae_for_profile(profile, device)
     train_sae(sae, activations, progress=False, **profile_training_options(profile, sae))
     held_out, index = capture_in_memory(twin, ids["mae"], profile.hook, profile.exclude_first_position)
+    held_out = held_out * scale
     with tempfile.TemporaryDirectory() as folder:  # max_activating reads a store: a temporary one
         writer = StoreWriter(folder, model_name=twin.cfg.model_name, hook=profile.hook, d_in=held_out.shape[1],
                              dtype="float32")
