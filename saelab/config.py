@@ -439,15 +439,15 @@ def detect_profile_name() -> str:
     return "offline"
 
 
-def load_profile(name: str | Profile | None = None, **overrides) -> Profile:
-    """Explicit name -> $SAELAB_PROFILE -> auto-detection. Overrides replace single fields.
-
-    A name may also be a path to a profile JSON file written by `Profile.to_json`.
-    """
-    if isinstance(name, Profile):
-        profile = name
+def load_profile(profile: str | Profile | None = None, /, **overrides) -> Profile:
+    """The profile to run: `profile` (a name, a path to a JSON file written by `Profile.to_json`, or a
+    Profile) -> else $SAELAB_PROFILE -> else auto-detection (a banner-worthy choice: gpt2 on CUDA and
+    quick elsewhere when GPT-2 can be had, else offline). `overrides` replace single fields, `name`
+    included: load_profile("gpt2", name="gpt2-local", dataset_id="/data/owt.jsonl")."""
+    if isinstance(profile, Profile):
+        pass
     else:
-        name = name or os.environ.get("SAELAB_PROFILE") or detect_profile_name()
+        name = profile or os.environ.get("SAELAB_PROFILE") or detect_profile_name()
         if name in PROFILES:
             profile = PROFILES[name]
         elif name.endswith(".json") and Path(name).is_file():

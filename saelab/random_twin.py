@@ -42,8 +42,9 @@ def capture_in_memory(model, tokens: torch.Tensor, hook: str, skip_first_positio
 
 def random_twin_alignment(profile: Profile, lm, max_contexts: int = 1024, tokenizer=None) -> pd.DataFrame:
     """`analysis.text_alignment` of the top `mae_top_features` features of an SAE trained (the profile's
-    architecture and training settings, on activations rescaled to `lm`'s RMS norm) on a random-weight twin of `lm`, over the first `max_contexts` contexts of
-    the "train" split (offline: all of them); examples from the held-out "mae" split, as notebook 04.
+    architecture and training settings, on activations rescaled to `lm`'s RMS norm) on a random-weight
+    twin of `lm`, over the first `max_contexts` contexts of the "train" split (offline: all of them);
+    examples from the held-out "mae" split, as notebook 04.
     Runs where `lm` lives."""
     twin, device = random_twin(lm, seed=profile.seed), next(lm.parameters()).device
     contexts = {split: load_tokens(profile, split) for split in ("train", "mae")}

@@ -177,3 +177,8 @@ def test_dir_lists_the_public_names_without_importing_them():
             "print(sorted(heavy), 'train_sae' in names, 'load_profile' in names, 'import_module' in names)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["[]", "True", "True", "False"]
+
+
+def test_an_override_may_rename_the_profile():
+    profile = load_profile("gpt2", name="gpt2-local", dataset_id="/data/owt.jsonl")
+    assert (profile.name, profile.dataset_id, profile.d_in) == ("gpt2-local", "/data/owt.jsonl", 768)
