@@ -272,6 +272,8 @@ if __name__ == "__main__":
     cuda = args.device.startswith("cuda")
     if args.smoke:
         args.d_in, args.d_sae, args.batch, args.steps, args.rounds, args.warmup = 16, 64, 32, 4, 1, 1
+        if args.trainers == ",".join(TRAINERS):  # one saelab row beside the two others: each row is a process
+            args.trainers = "saelab,seed,saelens"
     args.held_out = 256 if args.smoke else 16_384  # final rows, never trained on: FVU and L0 are measured there
     args.steps = args.steps or (1000 if cuda else 60)
     args.rounds = args.rounds or (1 if cuda else 5)

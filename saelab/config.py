@@ -360,10 +360,10 @@ OFFLINE = dataclasses.replace(
     # The offline model and SAE are tiny (width 64): intra-op threads cost more than they give there
     # (measured on a shared 2-core CPU: 2 threads made notebook 03's training and CE evaluation 5-10x slower).
     torch_threads=1,
-    # notebook 05 in seconds: 64 features in 32 dims, 36 small SAEs (the λ scale follows 1/synth_d)
+    # notebook 05 in seconds: 64 features in 32 dims, 12 small SAEs of 2x width (the λ scale follows 1/synth_d)
     synth_d=32, synth_features=64, synth_mean_active=3.0, synth_samples=8_192, synth_epochs=40,
-    synth_lr=1e-2, synth_l1_coefficients=(1e-3, 3e-3, 1e-2, 3e-2), synth_topk_ks=(2, 4, 8),
-    synth_l0_coefficients=(3e-4, 1e-3, 3e-3, 1e-2),
+    synth_lr=1e-2, synth_dict_ratios=(2.0,), synth_l1_coefficients=(3e-3, 1e-2, 3e-2), synth_topk_ks=(2, 4),
+    synth_l0_coefficients=(1e-3, 3e-3),
     # notebook 06 in seconds: FastICA on 10k of the ~25k training rows; 50 of the 128 ± residual dimensions
     interp_ica_fit_rows=10_000, interp_top_directions=50,
 )

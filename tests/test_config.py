@@ -150,7 +150,7 @@ def test_import_does_no_work():
 
 
 @pytest.mark.parametrize("field, value, message", [
-    ("synth_topk_ks", (4, 200), r"synth_topk_ks=\(4, 200\).*1\.\.64"),  # offline's narrowest dictionary: 64
+    ("synth_topk_ks", (4, 200), r"synth_topk_ks=\(4, 200\).*1\.\.128"),  # offline's narrowest dictionary: 128
     ("synth_dict_ratios", (), "synth_dict_ratios"),
     ("synth_l1_coefficients", (-1e-3,), "each coefficient must be >= 0"),
     ("synth_samples", 0, "synth_samples=0"),
