@@ -56,6 +56,17 @@ def _unkey(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.where(valid, values, 0.0), torch.where(valid, rows, -1)
 
 
+def check_matches(sae: SAE, store: ActivationStore, where: str = "the SAE") -> None:
+    """A clear error when an SAE cannot read this store (width, or another hook)."""
+    if sae.d_in != store.d_in:
+        raise ValueError(f"{where} expects d_in={sae.d_in} but the store at {store.directory} has d_in={store.d_in}; "
+                         "use the SAE trained on this store's hook (rerun notebook 03)")
+    trained_on = sae.metadata.get("hook_name")
+    if trained_on and trained_on != store.hook:
+        raise ValueError(f"{where} was trained on {trained_on!r} but the store holds {store.hook!r}; "
+                         "use the store captured at the SAE's hook, or retrain the SAE (notebook 03)")
+
+
 def feature_stats(totals: torch.Tensor, counts: torch.Tensor, max_values: torch.Tensor,
                   n_tokens: int) -> pd.DataFrame:
     """Per-feature table from (d_sae,) sums: one row per feature (index "feature"), columns
@@ -116,13 +127,7 @@ def max_activating(sae: SAE, store: ActivationStore, k: int = 5, *, device: str 
                          "(notebook 04 passes profile.mae_top_k; the seed keeps 5)")
     if isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1:
         raise ValueError(f"chunk_rows={chunk_rows!r}: rows encoded at once, an integer >= 1 (default 4096)")
-    if store.d_in != sae.d_in:
-        raise ValueError(f"store has d_in={store.d_in} but the SAE expects {sae.d_in}; "
-                         "use the SAE trained on this hook")
-    trained_on = sae.metadata.get("hook_name")
-    if trained_on and trained_on != store.hook:
-        raise ValueError(f"the SAE was trained on {trained_on!r} but the store holds {store.hook!r}; "
-                         "use the store captured at the SAE's hook (or the SAE trained on this one)")
+    check_matches(sae, store)
     if store.n_rows == 0:
         raise ValueError(f"the store at {store.directory} holds no rows; rerun notebook 02")
     if store.n_rows >= _LOW:

@@ -32,15 +32,10 @@ def _losses(mse: torch.Tensor, sparsity: torch.Tensor, aux: torch.Tensor, total:
     return Losses(total=total, mse=mse, sparsity=sparsity, aux=aux, h=h, mass=h.sum(0))
 
 
-@register("tied")
-class TiedSAE(SAE):
-    """The seed article's SAE: h = ReLU(x W_enc + b_enc), x_hat = h W_enc^T + b_dec, L = mse + λ E||h||_1."""
+class ReLUWithL1:
+    """h = ReLU(pre), L = mse + λ E||h||_1: what the seed's tied SAE and the standard one share."""
 
     sparsity_setting = "l1_coefficient"
-
-    @property
-    def decoder_weight(self) -> torch.Tensor:
-        return self.W_enc.t()
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return torch.relu(self.pre_activation(x))
@@ -49,6 +44,15 @@ class TiedSAE(SAE):
         h = self.encode(x)
         mse, l1 = reconstruction_mse(x, self.decode(h)), l1_penalty(h)
         return _losses(mse, l1, mse.new_zeros(()), mse + sparsity_coefficient * l1, h)
+
+
+@register("tied")
+class TiedSAE(ReLUWithL1, SAE):
+    """The seed article's SAE: h = ReLU(x W_enc + b_enc), x_hat = h W_enc^T + b_dec, L = mse + λ E||h||_1."""
+
+    @property
+    def decoder_weight(self) -> torch.Tensor:
+        return self.W_enc.t()
 
     def backward(self, x, sparsity_coefficient, dead, dtype=torch.float32) -> Losses:
         if dtype != torch.float32 or self.apply_b_dec_to_input or torch.is_autocast_enabled(x.device.type):
@@ -124,18 +128,8 @@ class UntiedSAE(SAE):
 
 
 @register("standard")
-class StandardSAE(UntiedSAE):
+class StandardSAE(ReLUWithL1, UntiedSAE):
     """h = ReLU(x W_enc + b_enc), x_hat = h W_dec + b_dec, L = mse + λ E||h||_1 (SAELens' "standard")."""
-
-    sparsity_setting = "l1_coefficient"
-
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.relu(self.pre_activation(x))
-
-    def loss(self, x, sparsity_coefficient, dead) -> Losses:
-        h = self.encode(x)
-        mse, l1 = reconstruction_mse(x, self.decode(h)), l1_penalty(h)
-        return _losses(mse, l1, mse.new_zeros(()), mse + sparsity_coefficient * l1, h)
 
 
 def default_aux_k(d_in: int) -> int:

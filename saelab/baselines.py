@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from saelab import paths
+from saelab.analysis import check_matches
 from saelab.sae import SAE
 from saelab.store import ActivationStore
 
@@ -80,17 +81,6 @@ class SAEDirections:
 
     def label(self, j: int) -> str:
         return f"f {j}"
-
-
-def check_matches(sae: SAE, store: ActivationStore, where: str = "the SAE") -> None:
-    """A clear error when an SAE cannot read this store (width, or another hook)."""
-    if sae.d_in != store.d_in:
-        raise ValueError(f"{where} expects d_in={sae.d_in} but the store at {store.directory} has d_in={store.d_in}; "
-                         "use the SAE trained on this store's hook (rerun notebook 03)")
-    trained_on = sae.metadata.get("hook_name")
-    if trained_on and trained_on != store.hook:
-        raise ValueError(f"{where} was trained on {trained_on!r} but the store holds {store.hook!r}; "
-                         "use the store captured at the SAE's hook, or retrain the SAE (notebook 03)")
 
 
 @torch.no_grad()
