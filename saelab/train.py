@@ -26,7 +26,7 @@ from typing import NamedTuple
 
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
+from tqdm import tqdm  # text bars: a saved notebook keeps their last line (tqdm.auto widgets stay at "0%")
 
 from saelab.batching import as_activations, device_batches, epoch_order, to_training_device, train_val_split
 from saelab.checkpoint import load_checkpoint, prepare_run_dir, restore_optimizer, save_checkpoint
