@@ -64,11 +64,12 @@ class RssSampler(threading.Thread):
 
 
 def write_random_tokens(profile, contexts: dict[str, int], bos: int) -> None:
-    """Token datasets in saelab.data's layout (one per split), of random ids with BOS at position 0."""
+    """Token datasets in saelab.data.tokens's layout (one per split), of random ids with BOS at position 0."""
     import datasets
     import torch
 
-    from saelab import data, paths
+    from saelab import paths
+    from saelab.data import tokens
 
     out = paths.tokens_dir(profile)
     generator = torch.Generator().manual_seed(0)
@@ -76,7 +77,7 @@ def write_random_tokens(profile, contexts: dict[str, int], bos: int) -> None:
         ids = torch.randint(0, profile.offline_vocab_size, (n, profile.context_size), generator=generator)
         ids[:, 0] = bos
         datasets.Dataset.from_dict({"input_ids": ids.tolist()}).save_to_disk(str(out / split))
-    (out / data.INFO).write_text(json.dumps({"settings": data.token_settings(profile), "profile": profile.name,
+    (out / tokens.INFO).write_text(json.dumps({"settings": tokens.token_settings(profile), "profile": profile.name,
                                              "splits": {}}))
 
 
@@ -84,8 +85,8 @@ def run_case(name: str, contexts: int, device: str, batch_size: int | None) -> d
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from saelab import capture, lm
     from saelab.config import OFFLINE
+    from saelab.data import capture, lm
 
     overrides, n_ctx, _, _ = CASES[name]
     profile = OFFLINE.replace(name=f"bench-{name}", shard_rows=SHARD_ROWS, n_texts=contexts, **overrides)

@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from saelab.analysis import max_activating
+from saelab.features.analysis import max_activating
 from saelab.sae import SAE
 from saelab.store import ActivationStore, StoreWriter
 

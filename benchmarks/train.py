@@ -72,9 +72,9 @@ def timed(run, steps: int, device: str) -> float:
 
 
 def saelab_runner(args, data: torch.Tensor):
-    from saelab import batching
     from saelab.sae import SAE
-    from saelab.train import train_sae
+    from saelab.train import batching
+    from saelab.train.loop import train_sae
 
     if args.worker == "saelab-host":  # as if the data were larger than the GPU: it stays in host memory
         batching.fits_on_device = lambda *a, **k: False
@@ -82,7 +82,7 @@ def saelab_runner(args, data: torch.Tensor):
     if args.worker in ("saelab-eager", "saelab-compile"):
         options["cuda_graph"] = False
     if args.worker == "saelab-compile":
-        from saelab import step
+        from saelab.train import step
 
         plain_init = step.Stepper.__init__
 
@@ -162,7 +162,7 @@ def profile_kernels(args) -> None:
     from torch.profiler import ProfilerActivity, profile
 
     from saelab.sae import SAE
-    from saelab.step import RunningStats, Stepper, make_adam
+    from saelab.train.step import RunningStats, Stepper, make_adam
 
     torch.backends.cuda.matmul.allow_tf32 = True
     device, x = torch.device(args.device), torch.randn(args.batch, args.d_in, device=args.device)

@@ -16,8 +16,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
+# How TransformerLens processes GPT-2's weights: chosen so that blocks.L.hook_resid_pre equals Hugging
+# Face's hidden_states[L] (the seed's residual stream); saelab.data.lm says why each. A store records them.
+LM_SETTINGS = {"fold_ln": True, "center_writing_weights": False, "center_unembed": False,
+               "fold_value_biases": True}
+
 STORE_DTYPES = ("float16", "bfloat16", "float32")
-OFFLINE_LMS = ("trained", "random")  # profile.offline_lm: saelab.offline_lm trains one, or seeded random weights
+OFFLINE_LMS = ("trained", "random")  # profile.offline_lm: saelab.data.offline_lm trains one, or seeded random weights
 B_DEC_INITS = ("zeros", "mean", "geometric_median")  # saelab.sae.SAE.init_b_dec (a test keeps them equal)
 LR_SCHEDULERS = ("constant", "cosineannealing")  # SAELens' lr_scheduler_name values that saelab implements
 TRAIN_DTYPES = ("float32", "bfloat16")
@@ -69,7 +74,7 @@ class Profile:
     offline_n_layers: int = 8  # must exceed the hook's layer (blocks.6 needs >= 7)
     offline_n_heads: int = 4  # d_head = d_in / offline_n_heads
     # "trained": saelab trains it once on the offline corpus (minus the held-out "mae" documents) when
-    # notebook 02 first loads it, saved in runs/<profile>/lm/ (saelab.offline_lm); "random": seeded random
+    # notebook 02 first loads it, saved in runs/<profile>/lm/ (saelab.data.offline_lm); "random": seeded random
     # weights (GPT-2's init), no training: the unit tests' model (tests/tiny.py: capture and
     # cross-implementation checks need a model, not a trained one)
     offline_lm: str = "trained"
@@ -85,7 +90,7 @@ class Profile:
     # 10x slower while the other core was busy (measured); torch_threads applies again afterwards
     offline_lm_threads: int = 1
 
-    # --- SAE (saelab.architectures; `architecture` picks the class, the fields below its options)
+    # --- SAE (saelab.sae; `architecture` picks the class, the fields below its options)
     architecture: str = "tied"  # tied (the seed) | standard | topk | batchtopk | jumprelu
     expansion_factor: int = 8  # d_sae = expansion_factor * d_in (seed: 8 -> 6144)
     l1_coefficient: float = 1e-3  # λ of tied and standard, against MSE averaged over batch and d_in (seed: 1e-3)
@@ -97,7 +102,7 @@ class Profile:
     jumprelu_bandwidth: float = 0.05  # jumprelu: width ε of the straight-through kernel, activation units (SAELens)
     jumprelu_init_threshold: float = 0.01  # jumprelu: θ at initialisation, activation units (SAELens)
 
-    # --- training (saelab.train; every one is also a keyword of train_sae)
+    # --- training (saelab.train.loop; every one is also a keyword of train_sae)
     lr: float = 1e-3  # Adam learning rate (seed: 1e-3, constant)
     lr_scheduler_name: str = "constant"  # constant (seed) | cosineannealing: to lr_end over the steps left
     lr_warm_up_steps: int = 0  # steps of linear warm-up from lr/steps to lr (seed: 0)
@@ -148,7 +153,7 @@ class Profile:
     synth_epochs: int = 20  # passes over the synthetic activations per SAE
     synth_lr: float = 3e-3  # Adam lr for the sweep (higher than the seed's 1e-3: short runs)
 
-    # --- interpretability against baselines (notebook 06, saelab.baselines and saelab.interpret). Not in
+    # --- interpretability against baselines (notebook 06, saelab.studies.baselines and saelab.studies.probing). Not in
     # the seed: Cunningham et al. 2023 (§3) compare SAE features with the residual basis, random directions,
     # PCA and ICA on the same activations. Here the scores need no LM judge: 1-sparse probing of token
     # concepts (directions chosen on the train store, AUC on the mae store) and token concentration.
@@ -167,7 +172,8 @@ class Profile:
         problems = []
         if not self.hook.startswith("blocks.") or not self.hook.split(".")[1].isdigit():
             problems.append(f"hook={self.hook!r}: use a TransformerLens name like 'blocks.6.hook_resid_pre'")
-        from saelab.sae import architecture_names  # the registry, so a newly registered class is valid too
+        # the registry (saelab.sae registers the built-ins), so a newly registered class is valid too
+        from saelab.sae.base import architecture_names
 
         if self.architecture not in architecture_names():
             problems.append(f"architecture={self.architecture!r}: choose one of {architecture_names()}")

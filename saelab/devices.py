@@ -10,7 +10,7 @@
 4. No float64 tensors on MPS, which has none: accumulators take `accumulator_dtype(device)`.
 
 A TransformerLens model keeps its own `cfg.device`, where it sends the tokens it is given: saelab
-builds and moves LMs so that it always names where the weights are (`saelab.lm`).
+builds and moves LMs so that it always names where the weights are (`saelab.data.lm`).
 """
 
 from __future__ import annotations

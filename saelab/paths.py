@@ -40,7 +40,7 @@ def tokens_dir(profile) -> Path:
 
 
 def lm_dir(profile, name: str) -> Path:
-    """A language model saelab trained (offline profile); name encodes its settings (saelab.offline_lm)."""
+    """A language model saelab trained (offline profile); name encodes its settings (saelab.data.offline_lm)."""
     return run_dir(profile) / "lm" / name
 
 

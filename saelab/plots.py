@@ -397,7 +397,7 @@ def interpretability_comparison(summary: pd.DataFrame, probing: pd.DataFrame, pr
     directions. Bars carry 95% bootstrap intervals; SAEs in blue, baselines in grey.
 
     summary: indexed by method, columns kind, auc, auc_low, auc_high, concepts, entropy, entropy_low,
-    entropy_high, directions (as `interpret.summarise`); probing: columns method, concept, auc.
+    entropy_high, directions (as `probing.summarise`); probing: columns method, concept, auc.
     """
     methods = summary.index.tolist()
     colours = ["#4C78A8" if kind == "SAE" else "#9D9D9D" for kind in summary["kind"]]
@@ -433,7 +433,7 @@ def lm_training_curve(history: pd.DataFrame, unigram_ce: float, profile: Profile
                       bar: float | None = None) -> go.Figure:
     """The offline LM's training: held-out and training loss against tokens seen, with the unigram
     baseline (and `bar` x it, the target) as horizontal lines. history: columns tokens, train_loss,
-    held_out_loss (as `saelab.lm.training_history`)."""
+    held_out_loss (as `saelab.data.lm.training_history`)."""
     fig = go.Figure()
     for column, name in (("held_out_loss", "held-out loss"), ("train_loss", "training loss (mean since last point)")):
         fig.add_trace(go.Scatter(x=history["tokens"], y=history[column], name=name, mode="lines+markers"))
@@ -450,7 +450,7 @@ def lm_training_curve(history: pd.DataFrame, unigram_ce: float, profile: Profile
 
 def norm_by_position_chart(norms: pd.DataFrame, hook: str, profile: Profile, device: str | None = None) -> go.Figure:
     """Notebook 02: the hook's L2 norm by position, mean and 10-90% band (log y), as
-    `saelab.capture.norm_by_position` returns it (columns position, mean_norm, q10, q90)."""
+    `saelab.data.capture.norm_by_position` returns it (columns position, mean_norm, q10, q90)."""
     names = {"mean_norm": "mean", "q90": "90th percentile", "q10": "10th percentile"}
     fig = go.Figure([go.Scatter(x=norms["position"], y=norms[column], name=name, mode="lines",
                                 line={"dash": "solid" if column == "mean_norm" else "dot"})

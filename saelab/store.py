@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -27,6 +29,14 @@ MANIFEST = "manifest.json"
 FORMAT = "saelab-activations/1"
 INDEX_FIELDS = ("context", "position", "token_id")  # int tensors, one value per activation row
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+class Chunk(NamedTuple):
+    """A run of consecutive store rows, as `ActivationStore.chunks` yields them."""
+
+    first_row: int  # the store row of activations[0]
+    activations: torch.Tensor  # (rows, d_in) float32 on the device asked for
+    index: dict[str, torch.Tensor]  # INDEX_FIELDS -> (rows,) int64 on the CPU
 
 
 def _write_json_atomically(path: Path, payload: dict) -> None:  # one name, so tests can interrupt it
@@ -162,6 +172,27 @@ class ActivationStore:
         for path in self.shard_paths():
             yield load_file(path, device=str(device))
 
+    def chunks(self, chunk_rows: int = 4096, device: str | torch.device = "cpu", *, whole_contexts: bool = False,
+               progress: bool = False, desc: str = "store") -> Iterator[Chunk]:
+        """Every row once, in row order, as `Chunk`s of `chunk_rows` rows (fewer at a shard's end): the one
+        loop over a store that every pass (MAE, dashboards, baselines, probing) runs. One shard in memory
+        at a time. whole_contexts=True never splits a context across chunks (a chunk may then be longer),
+        for passes that look at a row's neighbours."""
+        if isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1:
+            raise ValueError(f"chunk_rows={chunk_rows!r}: rows read at once, an integer >= 1 (default 4096)")
+        from tqdm import tqdm  # text bars: a saved notebook keeps their last line
+
+        first_row = 0
+        for shard in tqdm(self.iter_shards(), total=len(self.shard_paths()), desc=desc, disable=not progress):
+            index = {f: shard[f] for f in INDEX_FIELDS}
+            bounds = _context_bounds(index["context"], chunk_rows) if whole_contexts else \
+                [(start, min(start + chunk_rows, len(index["context"])))
+                 for start in range(0, len(index["context"]), chunk_rows)]
+            for start, end in bounds:
+                x = shard["activations"][start:end].to(device, torch.float32)  # (rows, d_in)
+                yield Chunk(first_row, x, {f: v[start:end] for f, v in index.items()})
+                first_row += end - start
+
     def activations(self, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> torch.Tensor:
         """All rows in one (n_rows, d_in) tensor of `dtype` (default float32) on `device`, filled shard
         by shard (no second full copy). Needs n_rows x d_in x 4 bytes: at gpt2 scale ~2 GB."""
@@ -186,3 +217,16 @@ class ActivationStore:
     def size_bytes(self) -> int:
         """Bytes of the shard files on disk."""
         return sum(p.stat().st_size for p in self.shard_paths())
+
+
+def _context_bounds(context: torch.Tensor, chunk_rows: int) -> list[tuple[int, int]]:
+    """(start, end) row ranges of at least chunk_rows rows (but the last) that never split a context."""
+    n = len(context)
+    ends = torch.cat([(context[1:] != context[:-1]).nonzero().squeeze(1) + 1, torch.tensor([n])])  # (contexts,)
+    bounds, start = [], 0
+    while start < n:
+        end = start + chunk_rows
+        end = n if end >= n else int(ends[torch.searchsorted(ends, end)])  # the first context end >= end
+        bounds.append((start, end))
+        start = end
+    return bounds

@@ -8,8 +8,9 @@ Dies when the N-th shard file has been renamed into place but the manifest does 
 import os
 import sys
 
-from saelab import capture, store
+from saelab import store
 from saelab.config import load_profile
+from saelab.data import capture
 
 profile_json, n = sys.argv[1], int(sys.argv[2])
 calls = {"manifests": 0}

@@ -9,7 +9,7 @@ import pytest
 import torch
 from tiny import tiny_fixture, tiny_tokens_root_fixture  # noqa: F401  (fixtures)
 
-from saelab.analysis import logit_attribution, max_activating, top_features, top_logit_tokens, unembedding
+from saelab.features.analysis import logit_attribution, max_activating, top_features, top_logit_tokens, unembedding
 from saelab.sae import SAE, sae_for
 from saelab.store import StoreWriter
 
@@ -146,12 +146,13 @@ def test_logit_attribution_by_hand():
 
 
 def test_logit_attribution_is_the_same_with_ln_final_folded_or_not():
-    """TransformerLens folds ln_final.w into W_U (fold_ln=True, as saelab.lm loads GPT-2) and centres
+    """TransformerLens folds ln_final.w into W_U (fold_ln=True, as saelab.data.lm loads GPT-2) and centres
     W_U over d_model; unfolded, unembedding() multiplies the scale in. With the direction centred as
     LayerNorm centres it, both give the same attribution."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from saelab.lm import LM_SETTINGS, hooked_from_hf
+    from saelab.config import LM_SETTINGS
+    from saelab.data.lm import hooked_from_hf
 
     hf = GPT2LMHeadModel(GPT2Config(vocab_size=40, n_positions=8, n_embd=16, n_layer=1, n_head=2)).eval()
     with torch.no_grad():
@@ -183,8 +184,8 @@ def saelens_folder(path, d_in, d_sae, hook="blocks.6.hook_resid_pre", model="off
 
 
 def test_load_sae_reads_a_folder_saelens_wrote_and_encodes_as_saelens(tmp_path):
-    from saelab.analysis import load_sae
     from saelab.config import OFFLINE
+    from saelab.features.analysis import load_sae
 
     reference = saelens_folder(tmp_path / "jb", OFFLINE.d_in, 96, hook=OFFLINE.hook)
     sae = load_sae(OFFLINE.replace(sae_path=str(tmp_path / "jb")))
@@ -197,16 +198,16 @@ def test_load_sae_reads_a_folder_saelens_wrote_and_encodes_as_saelens(tmp_path):
 
 def test_load_sae_defaults_to_notebook_03s_sae(tmp_path):
     from saelab import paths
-    from saelab.analysis import load_sae
     from saelab.config import OFFLINE
+    from saelab.features.analysis import load_sae
 
     SAE(OFFLINE.d_in, 32, metadata={"hook_name": OFFLINE.hook}).save(paths.sae_dir(OFFLINE))
     assert load_sae(OFFLINE).d_sae == 32
 
 
 def test_load_sae_refuses_what_it_cannot_analyse_faithfully(tmp_path):
-    from saelab.analysis import load_sae
     from saelab.config import OFFLINE
+    from saelab.features.analysis import load_sae
 
     with pytest.raises(FileNotFoundError, match="sae_path='nowhere' is not a folder"):
         load_sae(OFFLINE.replace(sae_path="nowhere"))
@@ -235,7 +236,7 @@ def test_notebook_04_analyses_a_folder_saelens_wrote(tiny, tmp_path, monkeypatch
     from nbclient import NotebookClient
 
     from saelab import paths
-    from saelab.capture import capture_activations
+    from saelab.data.capture import capture_activations
 
     capture_activations(tiny, "mae", "cpu", progress=False)
     saelens_folder(tmp_path / "saelens_sae", tiny.d_in, 96, hook=tiny.hook, model=tiny.model_name)

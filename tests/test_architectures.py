@@ -3,11 +3,13 @@
 import pytest
 import torch
 
-from saelab import sae as sae_module
-from saelab.architectures import BatchTopKSAE, JumpReLUSAE, TiedSAE, default_aux_k
-from saelab.loss import l0_penalty, l1_penalty, reconstruction_mse
 from saelab.sae import ARCHITECTURES, SAE, Losses, geometric_median, register, sae_for
-from saelab.train import train_sae
+from saelab.sae import base as sae_module  # the registry lives here
+from saelab.sae.jumprelu import JumpReLUSAE
+from saelab.sae.loss import l0_penalty, l1_penalty, reconstruction_mse
+from saelab.sae.relu import TiedSAE
+from saelab.sae.topk import BatchTopKSAE, default_aux_k
+from saelab.train.loop import train_sae
 
 OPTIONS = {"topk": {"k": 2}, "batchtopk": {"k": 2}}  # the rest train with their defaults
 
@@ -84,7 +86,7 @@ def test_jumprelu_threshold_gradients_by_hand():
     """pre = 1.0 sits 0.01 above θ = 0.99, inside the kernel of width ε = 0.1:
     d h/dθ = -(θ/ε) = -9.9 (activation STE), d H(pre - θ)/dθ = -1/ε = -10 (the L0 STE)."""
     pre, threshold = torch.tensor([[1.0, 5.0]]), torch.tensor([0.99, 0.99], requires_grad=True)
-    from saelab.architectures import _JumpReLU
+    from saelab.sae.jumprelu import _JumpReLU
 
     _JumpReLU.apply(pre, threshold, 0.1).sum().backward()
     assert torch.allclose(threshold.grad, torch.tensor([-9.9, 0.0]))

@@ -7,7 +7,8 @@ import torch
 from planted import HOOK, PROFILE, write_store
 
 from saelab import paths
-from saelab.baselines import (
+from saelab.sae import SAE, sae_for
+from saelab.studies.baselines import (
     LinearDirections,
     fit_baselines,
     ica_directions,
@@ -16,7 +17,6 @@ from saelab.baselines import (
     random_directions,
     trained_saes,
 )
-from saelab.sae import SAE, sae_for
 
 
 @pytest.mark.parametrize("chunk_rows", [3, 7, 1000])

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from saelab.batching import (
+from saelab.train.batching import (
     check_activations,
     device_batches,
     epoch_order,
@@ -70,7 +70,7 @@ def test_bad_activations_are_clear_errors(bad, message):
 
 def test_nan_check_works_chunk_by_chunk(monkeypatch):
     """isfinite over all rows at once would allocate temporaries larger than the data itself."""
-    import saelab.batching as batching
+    import saelab.train.batching as batching
 
     sizes, isfinite = [], torch.isfinite
     monkeypatch.setattr(batching, "CHECK_ROWS", 4)

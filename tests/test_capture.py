@@ -9,8 +9,9 @@ import pytest
 import torch
 from tiny import tiny_fixture, tiny_tokens_root_fixture  # noqa: F401  (fixtures)
 
-from saelab import capture, data, lm, paths
-from saelab.data import load_tokens
+from saelab import paths
+from saelab.data import capture, lm, tokens
+from saelab.data.tokens import load_tokens
 from saelab.store import ActivationStore
 
 DRIVER = Path(__file__).with_name("capture_driver.py")
@@ -189,7 +190,7 @@ def test_open_store_refuses_a_store_made_before_the_tokens_were_rebuilt(tiny):
     """Notebook 01 rerun with other settings: notebooks 03-04 must not train on the old activations."""
     capture.capture_activations(tiny, device="cpu", progress=False)
     newer = tiny.replace(n_texts=20)
-    data.build_tokens(newer)
+    tokens.build_tokens(newer)
     with pytest.raises(ValueError, match=r"(?s)other settings.*n_texts.*Delete runs/tiny/activations/train and "
                                          r"rerun notebook 02_activations"):
         capture.open_store(newer, "train")

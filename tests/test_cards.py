@@ -5,9 +5,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from saelab.analysis import max_activating
-from saelab.cards import FeatureExplorer, feature_card, read_rows
 from saelab.config import load_profile
+from saelab.features.analysis import max_activating
+from saelab.features.cards import FeatureExplorer, feature_card, read_rows
 from saelab.sae import SAE
 from saelab.store import StoreWriter
 
@@ -73,11 +73,12 @@ def test_feature_card_renders_and_checks_its_input(tmp_path):
 
 def test_public_names_resolve_lazily():
     import saelab
-    from saelab import analysis, plots
+    from saelab import plots
+    from saelab.features import analysis
 
     assert saelab.feature_card is feature_card and saelab.FeatureExplorer is FeatureExplorer
     assert saelab.max_activating is analysis.max_activating and saelab.save_figure is plots.save_figure
-    from saelab import dashboards
+    from saelab.features import dashboards
 
     assert saelab.load_sae is analysis.load_sae and saelab.write_dashboards is dashboards.write_dashboards
 

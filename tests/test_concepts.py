@@ -4,7 +4,7 @@ import pytest
 import torch
 from planted import write_store
 
-from saelab.concepts import (
+from saelab.studies.concepts import (
     CONCEPTS,
     concept_grid,
     concept_table,

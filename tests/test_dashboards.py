@@ -7,10 +7,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from saelab.analysis import max_activating
-from saelab.cards import FeatureExplorer
 from saelab.config import load_profile
-from saelab.dashboards import dashboard_pass, hash_rows, quantile_values, write_dashboards
+from saelab.features.analysis import max_activating
+from saelab.features.cards import FeatureExplorer
+from saelab.features.dashboards import dashboard_pass, hash_rows, quantile_values, write_dashboards
 from saelab.sae import SAE
 from saelab.store import StoreWriter
 

@@ -4,9 +4,10 @@ import pandas as pd
 import pytest
 from tiny import TINY, tiny_fixture, tiny_tokens_root_fixture  # noqa: F401  (fixtures)
 
-from saelab import data, paths
+from saelab import paths
 from saelab.config import EOT, GPT2
-from saelab.corpus import DataSourceError, installed_docstrings, iter_documents
+from saelab.data import tokens
+from saelab.data.corpus import DataSourceError, installed_docstrings, iter_documents
 
 DOCS = ["alpha beta gamma", "delta", "  ", "epsilon zeta eta theta iota kappa"]
 
@@ -24,21 +25,21 @@ def no_hub(monkeypatch):
 
 
 def test_pack_by_hand():
-    rows = list(data.pack([[1, 2, 3], [4], [5, 6, 7, 8, 9]], context_size=4, eot_id=0, truncate=False))
+    rows = list(tokens.pack([[1, 2, 3], [4], [5, 6, 7, 8, 9]], context_size=4, eot_id=0, truncate=False))
     # stream 1 2 3 0 4 0 5 6 7 8 9 0 -> bodies of 3 with BOS 0 in front; the tail "" is dropped
     assert rows == [[0, 1, 2, 3], [0, 0, 4, 0], [0, 5, 6, 7], [0, 8, 9, 0]]
 
 
 def test_pack_truncates_each_document_to_one_context_body():
-    rows = list(data.pack([[1, 2, 3, 4, 5], [6, 7, 8, 9]], context_size=4, eot_id=0, truncate=True))
+    rows = list(tokens.pack([[1, 2, 3, 4, 5], [6, 7, 8, 9]], context_size=4, eot_id=0, truncate=True))
     assert rows == [[0, 1, 2, 3], [0, 0, 6, 7]]  # "8 0" is a partial row: dropped, never padded
 
 
 def test_packed_rows_are_full_and_hold_only_text_and_eot(tiny):
-    tokenizer = data.load_tokenizer(tiny)
+    tokenizer = tokens.load_tokenizer(tiny)
     eot = tokenizer.convert_tokens_to_ids(EOT)
-    for split in data.SPLITS:
-        rows = data.load_tokens(tiny, split)["input_ids"]
+    for split in tokens.SPLITS:
+        rows = tokens.load_tokens(tiny, split)["input_ids"]
         assert rows and all(len(r) == tiny.context_size and r[0] == eot for r in rows)
         assert tokenizer.pad_token_id is None or all(tokenizer.pad_token_id not in r for r in rows)
         assert max(max(r) for r in rows) < len(tokenizer) <= tiny.offline_vocab_size
@@ -46,26 +47,26 @@ def test_packed_rows_are_full_and_hold_only_text_and_eot(tiny):
 
 def test_train_and_mae_use_disjoint_documents(tiny):
     documents = [d for _, d in zip(range(32), iter_documents(tiny), strict=False)]
-    info = data.read_info(tiny)["splits"]
+    info = tokens.read_info(tiny)["splits"]
     assert (info["train"]["documents"], info["mae"]["documents"]) == (24, 8)
-    tokenizer = data.load_tokenizer(tiny)
-    first_mae = tokenizer.decode(data.load_tokens(tiny, "mae")[0]["input_ids"][1:6])
+    tokenizer = tokens.load_tokenizer(tiny)
+    first_mae = tokenizer.decode(tokens.load_tokens(tiny, "mae")[0]["input_ids"][1:6])
     assert documents[24].startswith(first_mae) and not documents[0].startswith(first_mae)
 
 
 def test_rebuild_is_skipped_when_settings_match(tiny, monkeypatch):
-    monkeypatch.setattr(data, "iter_documents", lambda p: pytest.fail("rebuilt instead of reusing"))
-    assert len(data.build_tokens(tiny)["train"]) == len(data.load_tokens(tiny))
+    monkeypatch.setattr(tokens, "iter_documents", lambda p: pytest.fail("rebuilt instead of reusing"))
+    assert len(tokens.build_tokens(tiny)["train"]) == len(tokens.load_tokens(tiny))
 
 
 def test_tokens_of_other_settings_are_refused_by_the_reader(tiny):
     with pytest.raises(ValueError, match="other settings.*rerun notebook 01_data"):
-        data.load_tokens(tiny.replace(context_size=32))
+        tokens.load_tokens(tiny.replace(context_size=32))
 
 
 def test_missing_tokens_say_run_notebook_01():
     with pytest.raises(FileNotFoundError, match="run notebook 01_data"):
-        data.load_tokens(TINY)
+        tokens.load_tokens(TINY)
 
 
 def test_offline_corpus_is_deterministic():
@@ -91,8 +92,8 @@ def test_local_file_builds_tokens_end_to_end(tmp_path, no_hub):
     docs = [f"document number {i} says " + "words and more words " * (i + 3) for i in range(12)]
     path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
     profile = TINY.replace(dataset_id=str(path), n_texts=9, mae_texts=3)  # offline model, local texts
-    splits = data.build_tokens(profile)
-    assert data.read_info(profile)["splits"]["mae"]["documents"] == 3 and len(splits["mae"]) >= 1
+    splits = tokens.build_tokens(profile)
+    assert tokens.read_info(profile)["splits"]["mae"]["documents"] == 3 and len(splits["mae"]) >= 1
 
 
 def test_missing_text_column_names_the_columns(tmp_path, no_hub):
@@ -121,28 +122,28 @@ def test_hub_without_network_names_the_alternatives(no_hub):
 
 def test_gpt2_tokenizer_without_network_says_use_offline(no_hub):
     with pytest.raises(DataSourceError, match="(?s)'gpt2' tokenizer.*SAELAB_PROFILE=offline"):
-        data.load_tokenizer(GPT2)
+        tokens.load_tokenizer(GPT2)
 
 
 def test_too_few_documents_is_a_clear_error(tmp_path, no_hub):
     path = tmp_path / "docs.txt"
     path.write_text("one document only, long enough\n")
     with pytest.raises(DataSourceError, match="gave only 1 documents.*lower n_texts"):
-        data.build_tokens(TINY.replace(dataset_id=str(path), n_texts=5))
-    assert not (paths.tokens_dir(TINY) / data.INFO).exists()
+        tokens.build_tokens(TINY.replace(dataset_id=str(path), n_texts=5))
+    assert not (paths.tokens_dir(TINY) / tokens.INFO).exists()
 
 
 def test_failed_rebuild_keeps_the_old_tokens(tiny, tmp_path, no_hub):
     """A typo in dataset_id (or a hub outage) must not delete tokens already built, tokenizer included."""
-    before = data.load_tokens(tiny, "train")["input_ids"]
+    before = tokens.load_tokens(tiny, "train")["input_ids"]
     with pytest.raises(DataSourceError, match="does not exist"):
-        data.build_tokens(tiny.replace(dataset_id=str(tmp_path / "typo.jsonl")))
-    assert data.load_tokens(tiny, "train")["input_ids"] == before
-    assert (paths.tokens_dir(tiny) / data.TOKENIZER / "tokenizer.json").is_file()
+        tokens.build_tokens(tiny.replace(dataset_id=str(tmp_path / "typo.jsonl")))
+    assert tokens.load_tokens(tiny, "train")["input_ids"] == before
+    assert (paths.tokens_dir(tiny) / tokens.TOKENIZER / "tokenizer.json").is_file()
     assert not paths.tokens_dir(tiny).with_name("tokens.building").exists()
 
 
 def test_rebuild_with_other_settings_replaces_the_old_tokens(tiny):
-    rebuilt = data.build_tokens(tiny.replace(context_size=32))
-    assert len(rebuilt["train"][0]["input_ids"]) == 32 and data.read_info(tiny)["settings"]["context_size"] == 32
+    rebuilt = tokens.build_tokens(tiny.replace(context_size=32))
+    assert len(rebuilt["train"][0]["input_ids"]) == 32 and tokens.read_info(tiny)["settings"]["context_size"] == 32
     assert sorted(p.name for p in paths.tokens_dir(tiny).parent.iterdir()) == ["tokens"]

@@ -2,16 +2,16 @@ import pandas as pd
 import pytest
 import torch
 
-from saelab import ground_truth
 from saelab.config import apply_threads, load_profile
-from saelab.ground_truth import (
+from saelab.studies import ground_truth
+from saelab.studies.ground_truth import (
     best_per_architecture,
     fit_and_score,
     knob_of,
     sweep,
     sweep_sae,
 )
-from saelab.synthetic import make_synthetic, recovery_scores
+from saelab.studies.synthetic import make_synthetic, recovery_scores
 
 
 @pytest.fixture(autouse=True)

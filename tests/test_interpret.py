@@ -9,9 +9,10 @@ import torch
 from planted import PROFILE, write_store
 from sklearn.metrics import roc_auc_score
 
-from saelab.baselines import LinearDirections, SAEDirections
-from saelab.concepts import CONCEPTS
-from saelab.interpret import (
+from saelab.sae import SAE
+from saelab.studies.baselines import LinearDirections, SAEDirections
+from saelab.studies.concepts import CONCEPTS
+from saelab.studies.probing import (
     Comparison,
     bootstrap_mean,
     compare,
@@ -21,7 +22,6 @@ from saelab.interpret import (
     token_entropy,
     train_separation,
 )
-from saelab.sae import SAE
 
 C = len(CONCEPTS)
 

@@ -3,8 +3,9 @@ import torch
 from tiny import TINY, tiny_fixture, tiny_tokens_root_fixture  # noqa: F401  (fixtures)
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from saelab import capture, lm, paths
+from saelab import paths
 from saelab.config import GPT2
+from saelab.data import capture, lm
 
 HOOK = "blocks.6.hook_resid_pre"
 

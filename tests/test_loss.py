@@ -1,6 +1,6 @@
 import torch
 
-from saelab.loss import decoder_weighted_l1_penalty, l1_penalty, reconstruction_mse, sae_loss
+from saelab.sae.loss import decoder_weighted_l1_penalty, l1_penalty, reconstruction_mse, sae_loss
 
 X = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
 X_HAT = torch.tensor([[1.0, 0.0], [3.0, 5.0]])  # squared errors: 0, 4, 0, 1

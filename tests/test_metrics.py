@@ -6,7 +6,6 @@ import pytest
 import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-from saelab.loss import l1_penalty, reconstruction_mse
 from saelab.metrics import (
     ce_loss_recovered,
     dead_fraction,
@@ -20,6 +19,7 @@ from saelab.metrics import (
     normalised_mse,
 )
 from saelab.sae import SAE, sae_for
+from saelab.sae.loss import l1_penalty, reconstruction_mse
 
 X = torch.tensor([[1.0, 0.0], [3.0, 0.0]])  # mean [2, 0]; squared distances to it: 1, 1
 X_HAT = torch.tensor([[1.0, 0.0], [1.0, 0.0]])  # squared errors per token: 0, 4

@@ -9,7 +9,8 @@ import pytest
 import torch
 from tiny import TINY, tiny_fixture, tiny_tokens_root_fixture  # noqa: F401  (fixtures)
 
-from saelab import capture, lm, metrics, offline_lm, paths
+from saelab import metrics, paths
+from saelab.data import capture, lm, offline_lm
 from saelab.sae import SAE
 
 # a few steps on a few documents: seconds on a CPU; the TINY tokens (vocabulary 512, 16-token contexts)
@@ -38,10 +39,10 @@ def test_unigram_cross_entropy_by_hand():
 
 
 def test_lr_warms_up_then_decays_to_a_tenth():
-    assert offline_lm.lr_at(0, 100, 1.0, warmup=4) == pytest.approx(0.25)
-    assert offline_lm.lr_at(4, 100, 1.0, warmup=4) == pytest.approx(1.0)
-    assert offline_lm.lr_at(52, 100, 1.0, warmup=4) == pytest.approx(0.55)  # half way: mean of 1 and 0.1
-    assert offline_lm.lr_at(100, 100, 1.0, warmup=4) == pytest.approx(0.1)
+    assert offline_lm.lm_lr_at(0, 100, 1.0, warmup=4) == pytest.approx(0.25)
+    assert offline_lm.lm_lr_at(4, 100, 1.0, warmup=4) == pytest.approx(1.0)
+    assert offline_lm.lm_lr_at(52, 100, 1.0, warmup=4) == pytest.approx(0.55)  # half way: mean of 1 and 0.1
+    assert offline_lm.lm_lr_at(100, 100, 1.0, warmup=4) == pytest.approx(0.1)
 
 
 def test_trains_once_then_reuses_the_saved_model(small, monkeypatch):
@@ -53,7 +54,7 @@ def test_trains_once_then_reuses_the_saved_model(small, monkeypatch):
     assert record["history"][-1]["tokens"] == 4 * 4 * small.context_size
     assert record["training"]["threads"] == 1 and record["settings"]["offline_lm_steps"] == 4
 
-    monkeypatch.setattr(offline_lm, "train", lambda *a, **k: pytest.fail("retrained a saved model"))
+    monkeypatch.setattr(offline_lm, "train_lm", lambda *a, **k: pytest.fail("retrained a saved model"))
     again = lm.load_lm(small, "cpu", progress=False)
     assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), again.state_dict().values(),
                                                   strict=True))
@@ -163,7 +164,7 @@ def test_ablation_ce_agrees_with_ce_loss_recovered(tiny):
 
 def test_random_twin_is_the_random_weight_option(tiny):
     random = lm.load_lm(tiny, "cpu")  # TINY uses offline_lm="random"
-    twin = lm.random_twin(random, seed=tiny.seed)
+    twin = lm.at_initialisation(random, seed=tiny.seed)
     assert all(torch.equal(a, b) for a, b in zip(random.state_dict().values(), twin.state_dict().values(),
                                                   strict=True))
     assert "random weights" in twin.cfg.model_name and twin.tokenizer is random.tokenizer

@@ -48,44 +48,124 @@ def test_notebook_follows_the_conventions(path):
     assert not re.search(r"\bCI\b|GITHUB_ACTIONS", code), "the profile is the only switch"
 
 
-FLOORS = {  # STYLE.md: each module imports only from its own floor or below
-    1: {"sae", "architectures", "loss", "metrics", "synthetic", "devices"},  # pure tensor code: no files, no model
-    2: {"config", "paths", "store", "plots", "batching", "checkpoint", "tracking", "step", "tables"},
-    3: {"corpus", "data", "offline_lm", "lm", "analysis", "concepts", "baselines", "interpret"},
-    4: {"capture", "train", "compare", "cards", "dashboards", "ground_truth", "workbook", "random_twin"},
+LAYERS = {  # STYLE.md: the core at the root, one room per stage; a room imports from its own layer or below
+    1: {"paths", "devices", "tables", "sae"},  # pure tensor code and files: no model, no profile
+    2: {"config", "metrics", "store", "plots", "workbook"},  # the rest of the core
+    3: {"data", "train", "features"},  # notebooks 01-02, 03, 04: each needs only the core
+    4: {"studies"},  # notebooks 05-06: may use every stage
 }
+PACKAGE = ROOT / "saelab"
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
 def saelab_imports(path: Path) -> set[str]:
+    """The saelab modules that `path` imports, in full (saelab.data.lm), in any form, lazy ones too."""
     import ast
 
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom) and node.module == "saelab":  # from saelab import paths
-            found |= {a.name for a in node.names}
-        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("saelab."):
-            found.add(node.module.split(".")[1])
+        if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "saelab":
+            for alias in node.names:  # `from saelab.data import lm` names a module, `from saelab.sae import SAE` not
+                candidate = f"{node.module}.{alias.name}"
+                is_module = (ROOT / Path(*candidate.split("."))).with_suffix(".py").exists() or \
+                    (ROOT / Path(*candidate.split("."))).is_dir()
+                found.add(candidate if is_module else node.module)
         elif isinstance(node, ast.Import):
-            found |= {a.name.split(".")[1] for a in node.names if a.name.startswith("saelab.")}
-    return found
+            found |= {a.name for a in node.names if a.name.split(".")[0] == "saelab"}
+    return found - {"saelab"}
+
+
+def room(module: str) -> str:
+    """The room a module lives in: its stage subpackage, or its own name at the root."""
+    return module.split(".")[1]
+
+
+MODULES = {module_name(p): p for p in PACKAGE.rglob("*.py") if p.parent != PACKAGE or p.stem != "__init__"}
 
 
 def test_import_scanner_sees_every_form(tmp_path):
-    source = tmp_path / "m.py"
-    source.write_text("from saelab import paths\nfrom saelab.store import X\nimport saelab.sae\nimport torch\n")
-    assert saelab_imports(source) == {"paths", "store", "sae"}
+    source = ROOT / "saelab" / "_probe_for_test.py"
+    source.write_text("from saelab import paths\nfrom saelab.store import X\nimport saelab.sae\nimport torch\n"
+                      "from saelab.data import lm\nfrom saelab.train.loop import train_sae\n"
+                      "def f():\n    from saelab.studies import probing\n")
+    try:
+        assert saelab_imports(source) == {"saelab.paths", "saelab.store", "saelab.sae", "saelab.data.lm",
+                                          "saelab.train.loop", "saelab.studies.probing"}
+    finally:
+        source.unlink()
 
 
-def test_every_module_has_a_floor_and_imports_only_from_below():
-    floor_of = {module: floor for floor, modules in FLOORS.items() for module in modules}
-    modules = {p.stem for p in (ROOT / "saelab").glob("*.py")} - {"__init__"}
-    assert modules == set(floor_of), "add new modules to FLOORS (and to the README's floor map)"
-    upward = {(m, i) for m in modules for i in saelab_imports(ROOT / "saelab" / f"{m}.py")
-              if floor_of[i] > floor_of[m]}
-    assert not upward, f"imports from a higher floor: {sorted(upward)}"
+def test_every_room_has_a_layer_and_imports_only_from_its_layer_or_below():
+    layer_of = {name: layer for layer, names in LAYERS.items() for name in names}
+    rooms = {room(m) for m in MODULES}
+    assert rooms == set(layer_of), "give each new module or subpackage a layer here (and in the README's code map)"
+    upward = sorted((m, i) for m, path in MODULES.items() for i in saelab_imports(path)
+                    if layer_of[room(i)] > layer_of[room(m)])
+    assert not upward, f"imports from a higher layer: {upward}"
 
 
-DOCUMENTED = ("analysis", "cards", "store", "capture", "dashboards")  # issue 11: help() says what each does
+def test_stages_do_not_reach_into_each_other():
+    """The trainer never sees the language model (SAELens' separation), and features are read from a store."""
+    crossing = sorted((m, i) for m, path in MODULES.items() if room(m) in {"data", "train", "features"}
+                      for i in saelab_imports(path) if room(i) in {"data", "train", "features"} and room(i) != room(m))
+    assert not crossing, f"a stage imports another stage: {crossing}"
+
+
+def import_graph() -> dict[str, set[str]]:
+    return {m: {i for i in saelab_imports(p) if i in MODULES and i != m} for m, p in MODULES.items()}
+
+
+def test_no_import_cycle_and_at_most_five_floors():
+    graph, floor, visiting = import_graph(), {}, []
+
+    def floor_of(module: str) -> int:  # 1 + the highest floor it imports; a module on the stack is a cycle
+        if module in visiting:
+            raise AssertionError(f"import cycle: {' -> '.join(visiting[visiting.index(module):] + [module])}")
+        if module not in floor:
+            visiting.append(module)
+            floor[module] = 1 + max((floor_of(i) for i in graph.get(module, ())), default=0)
+            visiting.pop()
+        return floor[module]
+
+    for module in graph:
+        floor_of(module)
+    rooms: dict[str, set[str]] = {}  # the same graph with each stage subpackage as one room
+    for module, imported in graph.items():
+        rooms.setdefault(room(module), set()).update(room(i) for i in imported if room(i) != room(module))
+    room_floor: dict[str, int] = {}
+
+    def room_floor_of(name: str) -> int:
+        if name not in room_floor:
+            room_floor[name] = 1 + max((room_floor_of(i) for i in rooms.get(name, ())), default=0)
+        return room_floor[name]
+
+    assert max(room_floor_of(r) for r in rooms) <= 5, room_floor
+
+
+def test_the_wheel_carries_every_subpackage(tmp_path):
+    import shutil
+    import subprocess
+    import sys
+    import zipfile
+
+    source = tmp_path / "source"  # a copy, so the build leaves no build/ folder in the checkout
+    shutil.copytree(PACKAGE, source / "saelab", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
+                    "--wheel-dir", str(tmp_path), str(source)], check=True, capture_output=True)
+    (wheel,) = tmp_path.glob("saelab-*.whl")
+    packed = {name for name in zipfile.ZipFile(wheel).namelist() if name.startswith("saelab/")}
+    expected = {str(p.relative_to(ROOT)) for p in PACKAGE.rglob("*.py")}
+    assert expected <= packed, f"missing from the wheel: {sorted(expected - packed)}"
+
+
+# help() says what each does
+DOCUMENTED = ("features.analysis", "features.cards", "store", "data.capture", "features.dashboards")
 
 
 @pytest.mark.parametrize("module", DOCUMENTED)

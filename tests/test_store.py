@@ -90,3 +90,25 @@ def test_shard_with_wrong_width_is_refused(tmp_path):
     acts, index = shard(0)
     with pytest.raises(ValueError, match="d_in=3"):
         writer.add_shard(acts[:, :3], index, contexts=2)
+
+
+@pytest.mark.parametrize("whole_contexts", [False, True])
+def test_chunks_cover_every_row_once_in_order(tmp_path, whole_contexts):
+    writer = StoreWriter(tmp_path / "s", model_name="m", hook="h", d_in=2, dtype="float32")
+    rows = torch.arange(22, dtype=torch.float32)[:, None].repeat(1, 2)
+    context = torch.tensor([0] * 4 + [1] * 7 + [2] * 3 + [3] * 8)
+    for part in (slice(0, 11), slice(11, 22)):  # two shards of 11 rows
+        index = {"context": context[part], "position": torch.arange(22)[part], "token_id": torch.arange(22)[part]}
+        writer.add_shard(rows[part], index, contexts=2)
+    store = writer.finish()
+    chunks = list(store.chunks(3, whole_contexts=whole_contexts))
+    assert torch.equal(torch.cat([c.activations for c in chunks]), rows)
+    assert [c.first_row for c in chunks] == [sum(len(c.activations) for c in chunks[:i]) for i in range(len(chunks))]
+    assert torch.equal(torch.cat([c.index["context"] for c in chunks]), context)
+    if whole_contexts:  # no context straddles two chunks
+        pairs = zip(chunks[:-1], chunks[1:], strict=True)
+        assert all(c.index["context"][-1] != d.index["context"][0] for c, d in pairs)
+    else:
+        assert [len(c.activations) for c in chunks] == [3, 3, 3, 2] * 2
+    with pytest.raises(ValueError, match="chunk_rows=0"):
+        next(store.chunks(0))

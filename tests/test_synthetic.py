@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from saelab.synthetic import (
+from saelab.studies.synthetic import (
     cosine_matrix,
     firing_probabilities,
     fraction_recovered,

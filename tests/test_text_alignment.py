@@ -1,5 +1,5 @@
-"""Token purity and position spread (saelab.analysis) by hand, and the random-weight twin through the
-same pipeline (saelab.random_twin)."""
+"""Token purity and position spread (saelab.features.analysis) by hand, and the random-weight twin through the
+same pipeline (saelab.studies.random_twin)."""
 
 import math
 
@@ -8,10 +8,11 @@ import pytest
 import torch
 from tiny import tiny_fixture, tiny_tokens_root_fixture  # noqa: F401  (fixtures)
 
-from saelab import capture, lm, random_twin
-from saelab.analysis import alignment_summary, max_activating, position_spread, text_alignment, token_purity
+from saelab.data import capture, lm
+from saelab.features.analysis import alignment_summary, max_activating, position_spread, text_alignment, token_purity
 from saelab.sae import SAE
 from saelab.store import StoreWriter
+from saelab.studies import random_twin
 
 ROWS = torch.tensor([[0, 1, 2], [3, -1, -1], [-1, -1, -1]])  # 3 features' top examples; -1 = none
 

@@ -4,14 +4,14 @@ import pytest
 import torch
 
 from saelab import paths
-from saelab.checkpoint import load_checkpoint
 from saelab.config import GPT2, load_profile
 from saelab.devices import tf32_enabled, tf32_matmuls
 from saelab.metrics import evaluate
 from saelab.sae import ARCHITECTURES, SAE, sae_for
-from saelab.step import RunningStats, Stepper, make_adam
-from saelab.tracking import RunLog
-from saelab.train import Trainer, l1_at, lr_at, sae_for_profile, train_profile, train_sae
+from saelab.train.checkpoint import load_checkpoint
+from saelab.train.loop import Trainer, l1_at, lr_at, sae_for_profile, train_profile, train_sae
+from saelab.train.step import RunningStats, Stepper, make_adam
+from saelab.train.tracking import RunLog
 
 OPTIONS = {"topk": {"k": 2}, "batchtopk": {"k": 2}}
 

@@ -11,9 +11,9 @@ import pandas as pd
 import pytest
 import torch
 
-from saelab import batching
 from saelab.sae import ARCHITECTURES, sae_for
-from saelab.train import train_profile, train_sae
+from saelab.train import batching
+from saelab.train.loop import train_profile, train_sae
 
 pytestmark = [pytest.mark.device,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]

@@ -20,7 +20,7 @@ def tiny_tokens_root_fixture(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny_root")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("SAELAB_ROOT", str(root))
-        from saelab.data import build_tokens
+        from saelab.data.tokens import build_tokens
 
         build_tokens(TINY)
     return root

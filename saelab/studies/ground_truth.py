@@ -23,8 +23,8 @@ from tqdm import tqdm  # text bars: a saved notebook keeps their last line (tqdm
 from saelab.metrics import evaluate
 from saelab.paths import replace_atomically
 from saelab.sae import REGISTRY, SAE, architecture_names, sae_for
-from saelab.synthetic import SyntheticData, recovery_scores
-from saelab.train import train_sae
+from saelab.studies.synthetic import SyntheticData, recovery_scores
+from saelab.train.loop import train_sae
 
 KNOB_LABELS = {"l1_coefficient": "λ", "l0_coefficient": "λ0", "k": "k"}
 

@@ -1,6 +1,6 @@
 """Where documents come from: the hub (streamed), a local file, or the offline corpus.
 
-`iter_documents(profile)` yields document texts in a fixed order; `saelab.data` takes the
+`iter_documents(profile)` yields document texts in a fixed order; `saelab.data.tokens` takes the
 first `n_texts + mae_texts` of them. Every failure to reach a source becomes a
 `DataSourceError` that names the alternatives, because the usual cause is a machine that
 cannot reach the Hugging Face hub. Floor 2 (imports only config): `data` builds on it.

@@ -28,8 +28,8 @@ import torch
 from tqdm import tqdm  # text bars: a saved notebook keeps their last line
 
 from saelab import plots
-from saelab.analysis import logit_attribution, top_logit_tokens
-from saelab.cards import FeatureExplorer
+from saelab.features.analysis import logit_attribution, top_logit_tokens
+from saelab.features.cards import FeatureExplorer
 from saelab.tables import number
 
 _LOW = (1 << 32) - 1  # low 32 bits of a sample key hold the store row

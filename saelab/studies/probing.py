@@ -1,7 +1,7 @@
 """Are SAE features more interpretable than other directions? Two scores no LM judge is needed for.
 
 1-sparse probing (after Gurnee et al. 2023, "Finding Neurons in a Haystack"): for each concept of
-`saelab.concepts` and each method, the ONE direction whose activation best separates the concept's
+`saelab.studies.concepts` and each method, the ONE direction whose activation best separates the concept's
 tokens from the rest on the training store is picked, by d' = (mu_1 - mu_0) / sqrt(var_1 + var_0)
 from streamed sums (so every direction is scored in one pass, O(concepts x directions) memory); its
 ROC AUC is then measured on the held-out "mae" store, where it was not chosen. 0.5 = chance, 1 = a
@@ -26,8 +26,8 @@ import pandas as pd
 import torch
 from tqdm import tqdm  # text bars: a saved notebook keeps their last line (tqdm.auto widgets stay at "0%")
 
-from saelab.concepts import concept_table
 from saelab.store import ActivationStore
+from saelab.studies.concepts import concept_table
 
 PROBING_COLUMNS = ["method", "concept", "direction", "label", "train_separation", "auc"]
 CONCENTRATION_COLUMNS = ["method", "rank", "direction", "label", "activity", "entropy", "token_ids"]

@@ -4,7 +4,7 @@
     saelab.feature_card(1234, explorer)      # renders in a notebook (`_repr_html_`)
 
 Contexts are rebuilt from the token rows the store was captured from: the store index gives each
-row's context (a row of `saelab.data.load_tokens(profile, "mae")`) and position in it. Every token
+row's context (a row of `saelab.data.tokens.load_tokens(profile, "mae")`) and position in it. Every token
 of the window is shaded by the feature's activation there, re-encoded from the stored activations.
 """
 
@@ -18,9 +18,9 @@ import torch
 from safetensors import safe_open
 
 from saelab import plots, tables
-from saelab.analysis import MAEResult, logit_attribution, top_logit_tokens
 from saelab.config import Profile
 from saelab.devices import device_of, module_on
+from saelab.features.analysis import MAEResult, logit_attribution, top_logit_tokens
 from saelab.sae import SAE
 from saelab.store import ActivationStore
 

@@ -32,11 +32,11 @@ import torch
 from tqdm import tqdm  # text bars: tqdm.auto needs ipywidgets in Jupyter
 
 from saelab import paths
-from saelab.config import Profile, default_device
-from saelab.data import load_tokens, read_info, token_settings
+from saelab.config import LM_SETTINGS, Profile, default_device
+from saelab.data.lm import check_hook, load_lm
+from saelab.data.offline_lm import lm_training_settings
+from saelab.data.tokens import load_tokens, read_info, token_settings
 from saelab.devices import check_device, tf32_matmuls
-from saelab.lm import LM_SETTINGS, check_hook, load_lm
-from saelab.offline_lm import training_settings
 from saelab.store import DTYPES, INDEX_FIELDS, MANIFEST, ActivationStore, StoreWriter
 
 STATS = "capture_stats.json"  # throughput of the last capture run; not part of the store's identity
@@ -66,13 +66,13 @@ def random_weights(profile: Profile) -> bool:
 
 def offline_lm_identity(profile: Profile) -> dict:
     """Offline, trained: the settings the LM was trained with, so activations of another LM are stale."""
-    return {"offline_lm": training_settings(profile)} if profile.is_offline and not random_weights(profile) else {}
+    return {"offline_lm": lm_training_settings(profile)} if profile.is_offline and not random_weights(profile) else {}
 
 
 def _expected(profile: Profile, split: str) -> dict:
     """The store's identity as far as the profile alone fixes it (no model loaded): manifest and metadata."""
     lm_config = {"d_model": profile.d_in}
-    if profile.is_offline:  # the offline model's shape comes from the profile (saelab.offline_lm)
+    if profile.is_offline:  # the offline model's shape comes from the profile (saelab.data.offline_lm)
         lm_config |= {"n_layers": profile.offline_n_layers, "n_heads": profile.offline_n_heads}
     metadata = {"split": split, "context_size": profile.context_size, "lm_settings": LM_SETTINGS,
                 "exclude_first_position": profile.exclude_first_position, "tokens": token_settings(profile),

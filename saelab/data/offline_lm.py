@@ -4,7 +4,7 @@ Without the hub there is no pretrained GPT-2, and a random-weight model's featur
 residual stream is mostly position). So the offline profile trains its own: transformers'
 `GPT2LMHeadModel` of the profile's shape, on every corpus document except the held-out "mae"
 split, with notebook 01's BPE tokenizer, in a plain seeded loop (AdamW, warm-up then cosine decay,
-gradient clipping, as nanoGPT). `saelab.lm.load_lm` converts it to TransformerLens as it does GPT-2.
+gradient clipping, as nanoGPT). `saelab.data.lm.load_lm` converts it to TransformerLens as it does GPT-2.
 
 Trained once, then reused:
 
@@ -37,8 +37,8 @@ from tqdm import tqdm  # text bars: they read well in a saved notebook
 
 from saelab import paths
 from saelab.config import EOT, Profile, describe_device
-from saelab.corpus import iter_documents
-from saelab.data import load_tokens, pack
+from saelab.data.corpus import iter_documents
+from saelab.data.tokens import load_tokens, pack
 
 FORMAT = "saelab-offline-lm/1"  # bump when the training recipe changes: older models then retrain
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
@@ -64,7 +64,7 @@ def gpt2_config(profile: Profile, tokenizer=None, init_std: float = 0.02):
                       bos_token_id=eot, eos_token_id=eot, initializer_range=init_std)
 
 
-def training_settings(profile: Profile) -> dict:
+def lm_training_settings(profile: Profile) -> dict:
     """Every profile value the trained weights depend on (the tokenizer is added by `model_dir`).
     n_texts and mae_texts fix which documents are held out."""
     keys = ("model_name", "dataset_id", "n_texts", "mae_texts", "offline_vocab_size", "context_size", "d_in",
@@ -76,7 +76,7 @@ def training_settings(profile: Profile) -> dict:
 def model_dir(profile: Profile, tokenizer) -> tuple[Path, dict]:
     """The folder of the model for these settings and this tokenizer, and the settings it must hold."""
     vocab = json.dumps(sorted(tokenizer.get_vocab().items()))
-    settings = {**training_settings(profile), "tokenizer_sha256": hashlib.sha256(vocab.encode()).hexdigest()}
+    settings = {**lm_training_settings(profile), "tokenizer_sha256": hashlib.sha256(vocab.encode()).hexdigest()}
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
     name = f"d{profile.d_in}-l{profile.offline_n_layers}-v{profile.offline_vocab_size}-{digest}"
     return paths.lm_dir(profile, name), settings
@@ -91,7 +91,7 @@ def load_or_train(profile: Profile, tokenizer, device: str = "cpu", progress: bo
             return load(directory, settings)
         except InvalidSavedModel as err:
             warnings.warn(f"refusing the saved offline LM in {directory}: {err}. Training it again.", stacklevel=2)
-    model, record = train(profile, tokenizer, settings, device, progress)
+    model, record = train_lm(profile, tokenizer, settings, device, progress)
     save(model, record, directory)
     return model
 
@@ -188,7 +188,7 @@ def held_out_loss(model, held_out: torch.Tensor) -> float:
     return total / len(held_out)
 
 
-def lr_at(step: int, steps: int, peak: float, warmup: int) -> float:
+def lm_lr_at(step: int, steps: int, peak: float, warmup: int) -> float:
     """Linear warm-up over `warmup` steps, then cosine decay from `peak` to peak / 10 (nanoGPT's get_lr)."""
     if step < warmup:
         return peak * (step + 1) / warmup
@@ -220,7 +220,7 @@ def fit(model, train: torch.Tensor, held_out: torch.Tensor, *, steps: int, batch
     bar = tqdm(range(steps), desc="train offline LM", disable=not progress, mininterval=5)  # few lines when saved
     for step in bar:
         for group in optimizer.param_groups:  # lr of this step
-            group["lr"] = lr_at(step, steps, lr, warmup)
+            group["lr"] = lm_lr_at(step, steps, lr, warmup)
         batch = train[torch.randint(len(train), (batch_size,), generator=generator)].to(device)  # (batch, pos)
         loss = next_token_loss(model, batch)  # forward / backward / step
         optimizer.zero_grad(set_to_none=True)
@@ -236,7 +236,7 @@ def fit(model, train: torch.Tensor, held_out: torch.Tensor, *, steps: int, batch
     return history
 
 
-def train(profile: Profile, tokenizer, settings: dict, device: str = "cpu", progress: bool = True):
+def train_lm(profile: Profile, tokenizer, settings: dict, device: str = "cpu", progress: bool = True):
     """A seeded GPT2LMHeadModel trained with the profile's offline_lm_* settings, and its record."""
     from transformers import GPT2LMHeadModel
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from saelab import paths
 from saelab.config import EOT, Profile
-from saelab.corpus import DataSourceError, alternatives, iter_documents
+from saelab.data.corpus import DataSourceError, alternatives, iter_documents
 
 SPLITS = ("train", "mae")
 INFO = "info.json"
@@ -183,7 +183,7 @@ def load_tokens(profile: Profile, split: str = "train"):
     info = read_info(profile)
     if info is None or not (paths.tokens_dir(profile) / split).is_dir():
         raise FileNotFoundError(f"no token dataset at {paths.tokens_dir(profile)}; run notebook 01_data "
-                                "(saelab.data.build_tokens(profile)) first")
+                                "(saelab.data.tokens.build_tokens(profile)) first")
     if info["settings"] != token_settings(profile):
         raise ValueError(f"the tokens at {paths.tokens_dir(profile)} were built with other settings "
                          f"{info['settings']}; rerun notebook 01_data to rebuild them for this profile")

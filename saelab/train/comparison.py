@@ -15,7 +15,7 @@ import torch
 
 from saelab.metrics import ILL_CONDITIONED_GAP, ce_loss_recovered, evaluate_sae
 from saelab.sae import architecture_names
-from saelab.train import train_profile
+from saelab.train.loop import train_profile
 
 
 def run_name(profile, architecture: str) -> str:

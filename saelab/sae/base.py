@@ -4,9 +4,12 @@
     h     = activation(pre)  >= 0                  ReLU, TopK, BatchTopK or JumpReLU (the architecture's)
     x_hat = h @ W_dec + b_dec                      W_dec [d_sae, d_in]; tied (the seed): W_dec = W_enc^T
 
-An architecture (saelab.architectures) is a subclass registered by name that owns its `encode`,
+An architecture (saelab.sae.relu, .topk, .jumprelu) is a subclass registered by name that owns its `encode`,
 its `loss` (a `Losses` of named terms built from saelab.loss) and its decoder constraint; the
-training loop asks it and never branches on which one it has. `sae_for(name, d_in, d_sae, **options)`
+training loop asks it and never branches on which one it has. Every untied architecture holds its
+decoder rows at unit norm (`UntiedSAE`): before each step the gradient along each row is removed, after
+it rows are renormalised (Bricken et al. 2023), so no penalty can be dodged by shrinking h and growing
+W_dec, and thresholds are in the units of a unit direction. `sae_for(name, d_in, d_sae, **options)`
 builds one; `SAE(d_in, d_sae)` is the seed's tied SAE. Names and shapes follow SAELens, so `save`
 writes a folder that `sae_lens.SAE.load_from_disk` reads (cfg.json + sae_weights.safetensors) in
 SAELens' own format for that architecture, and `SAE.load` reads SAELens folders back.
@@ -279,6 +282,25 @@ def geometric_median(points: torch.Tensor, iters: int = 100, eps: float = 1e-8) 
     return median
 
 
-from saelab import architectures as _architectures  # noqa: E402,F401  registers the built-in architectures
+def losses_of(mse: torch.Tensor, sparsity: torch.Tensor, aux: torch.Tensor, total: torch.Tensor,
+              h: torch.Tensor) -> Losses:
+    """The named terms an architecture's `loss` returns; h is detached, mass = sum over the batch of h."""
+    h = h.detach()
+    return Losses(total=total, mse=mse, sparsity=sparsity, aux=aux, h=h, mass=h.sum(0))
 
-ARCHITECTURES = architecture_names()  # the built-in ones: tied, standard, topk, batchtopk, jumprelu
+
+class UntiedSAE(SAE):
+    """An own decoder W_dec [d_sae, d_in] whose rows are held at unit norm (see the module docstring)."""
+
+    def __init__(self, d_in: int, d_sae: int, **base):
+        super().__init__(d_in, d_sae, **base)
+        self._add_unit_norm_decoder()
+
+    @torch.no_grad()
+    def constrain_grads(self) -> None:
+        if self.W_dec.grad is not None:  # rows of W have unit norm: G -= (G . W) W, row by row
+            self.W_dec.grad.sub_((self.W_dec.grad * self.W_dec).sum(dim=1, keepdim=True) * self.W_dec)
+
+    @torch.no_grad()
+    def constrain_weights(self) -> None:
+        self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12))

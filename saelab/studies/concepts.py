@@ -28,7 +28,7 @@ import unicodedata
 import pandas as pd
 import torch
 
-from saelab.data import load_tokens
+from saelab.data.tokens import load_tokens
 from saelab.store import ActivationStore
 
 CONCEPTS: dict[str, str] = {  # name -> what makes a token positive (the notebook prints this table)

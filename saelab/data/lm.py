@@ -1,6 +1,6 @@
 """The language model, loaded one way for every notebook: a TransformerLens `HookedTransformer`.
 
-Weight processing (`LM_SETTINGS`) is chosen so that `blocks.L.hook_resid_pre` is exactly
+Weight processing (`saelab.config.LM_SETTINGS`) is chosen so that `blocks.L.hook_resid_pre` is exactly
 Hugging Face's `hidden_states[L]`, the residual stream the seed article trained on:
 - fold_ln=True folds LayerNorm scales into the next linear layer: the residual stream is unchanged.
 - center_writing_weights=False: centring W_E, W_pos, W_O and W_out would subtract each residual
@@ -17,20 +17,18 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from saelab import offline_lm, paths
-from saelab.config import Profile, default_device
+from saelab import paths
+from saelab.config import LM_SETTINGS, Profile, default_device
+from saelab.data import offline_lm
 from saelab.devices import device_of
 
 if TYPE_CHECKING:
     import pandas as pd
 
-LM_SETTINGS = {"fold_ln": True, "center_writing_weights": False, "center_unembed": False,
-               "fold_value_biases": True}
-
 
 def load_lm(profile: Profile, device: str | None = None, tokenizer=None, progress: bool = True):
     """gpt2/quick: pretrained weights from the hub (or its cache); offline: the small GPT-2 saelab
-    trains on the offline corpus (`saelab.offline_lm`: trained on first use, then loaded from
+    trains on the offline corpus (`saelab.data.offline_lm`: trained on first use, then loaded from
     runs/<profile>/lm/), or seeded random weights when profile.offline_lm == "random".
 
     The offline tokenizer is the one notebook 01 trained (runs/<profile>/tokens/tokenizer/).
@@ -61,10 +59,10 @@ def load_lm(profile: Profile, device: str | None = None, tokenizer=None, progres
 def _offline_tokenizer(profile: Profile):
     from transformers import AutoTokenizer
 
-    path = paths.tokens_dir(profile) / "tokenizer"  # written by saelab.data.load_tokenizer
+    path = paths.tokens_dir(profile) / "tokenizer"  # written by saelab.data.tokens.load_tokenizer
     if not (path / "tokenizer.json").is_file():
         raise FileNotFoundError(f"no offline tokenizer at {path}; run notebook 01_data "
-                                "(saelab.data.build_tokens(profile)) first")
+                                "(saelab.data.tokens.build_tokens(profile)) first")
     return AutoTokenizer.from_pretrained(str(path))
 
 
@@ -91,7 +89,7 @@ def hooked_from_hf(hf_model, tokenizer=None, settings: dict | None = None):
         n_layers=c.n_layer, d_model=c.n_embd, n_heads=c.n_head, d_head=c.n_embd // c.n_head,
         d_mlp=c.n_inner or 4 * c.n_embd, d_vocab=c.vocab_size, n_ctx=c.n_positions, act_fn=c.activation_function,
         normalization_type="LN", eps=c.layer_norm_epsilon, original_architecture="GPT2LMHeadModel",
-        default_prepend_bos=False,  # contexts from saelab.data already start with BOS
+        default_prepend_bos=False,  # contexts from saelab.data.tokens already start with BOS
         device=str(device_of(hf_model)))
     model = HookedTransformer(cfg, tokenizer=tokenizer)  # built on cfg.device
     model.load_and_process_state_dict(convert_gpt2_weights(hf_model, cfg), **(settings or LM_SETTINGS))
@@ -191,7 +189,7 @@ def measure_lm(model, profile: Profile) -> pd.Series:
     with the hook zero-ablated."""
     import pandas as pd
 
-    from saelab.data import load_tokens
+    from saelab.data.tokens import load_tokens
 
     held_out = load_tokens(profile, "mae")
     tokens = torch.tensor(held_out.select(range(min(profile.ce_eval_contexts, len(held_out))))["input_ids"])
@@ -218,7 +216,7 @@ def describe_lm(measured: pd.Series) -> str:
             f"Zero-ablating the hook raises CE by {gap:.2f} nats ({ablation}).")
 
 
-def random_twin(model, seed: int = 0):
+def at_initialisation(model, seed: int = 0):
     """A seeded random-weight GPT-2 of `model`'s shape, with its tokenizer, on its device: the same
     pipeline run on it shows what training adds (notebook 04)."""
     from transformers import GPT2Config, GPT2LMHeadModel

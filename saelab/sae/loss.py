@@ -1,6 +1,6 @@
 """The losses every architecture trains on, as pure functions; each docstring is the formula.
 
-An architecture's `loss` (saelab.architectures) is a sum of these, so this file says what is
+An architecture's `loss` (saelab.sae.relu, .topk, .jumprelu) is a sum of these, so this file says what is
 optimised. The seed's loss is  L = ||x - x_hat||^2 + λ ||h||_1  with λ = 1e-3, where, as in
 Cunningham et al.'s code (`(x_hat - x).pow(2).mean()`), the squared error is averaged over batch
 *and* d_in, and the L1 norm is summed over features and averaged over the batch.

@@ -20,9 +20,8 @@ import torch
 from tqdm import tqdm  # text bars: a saved notebook keeps their last line (tqdm.auto widgets stay at "0%")
 
 from saelab import paths
-from saelab.config import Profile
+from saelab.config import LM_SETTINGS, Profile
 from saelab.devices import accumulator_dtype, device_of, module_on
-from saelab.lm import LM_SETTINGS
 from saelab.sae import CFG_FILENAME, SAE, WEIGHTS_FILENAME
 from saelab.store import INDEX_FIELDS, ActivationStore
 

@@ -2,7 +2,7 @@
 
 Are the SAE's top features about text because the model learned text, or would any network's
 residual stream give the same? `random_twin_alignment` answers cheaply: a seeded random-weight GPT-2
-of the model's shape (`lm.random_twin`) reads the same contexts; its activations stay in memory (the
+of the model's shape (`lm.at_initialisation`) reads the same contexts; its activations stay in memory (the
 held-out ones pass through a temporary store, so that `analysis.max_activating` picks the examples
 exactly as notebook 04 does); an SAE of the profile's architecture is trained on them with `train_sae`; and
 its top features get the same token purity and position spread as the real model's.
@@ -15,13 +15,13 @@ import tempfile
 import pandas as pd
 import torch
 
-from saelab.analysis import max_activating, text_alignment, top_features
-from saelab.capture import row_index
 from saelab.config import Profile
-from saelab.data import load_tokens
-from saelab.lm import random_twin
+from saelab.data.capture import row_index
+from saelab.data.lm import at_initialisation
+from saelab.data.tokens import load_tokens
+from saelab.features.analysis import max_activating, text_alignment, top_features
 from saelab.store import StoreWriter
-from saelab.train import profile_training_options, sae_for_profile, train_sae
+from saelab.train.loop import profile_training_options, sae_for_profile, train_sae
 
 
 @torch.inference_mode()
@@ -46,7 +46,7 @@ def random_twin_alignment(profile: Profile, lm, max_contexts: int = 1024, tokeni
     twin of `lm`, over the first `max_contexts` contexts of the "train" split (offline: all of them);
     examples from the held-out "mae" split, as notebook 04.
     Runs where `lm` lives."""
-    twin, device = random_twin(lm, seed=profile.seed), next(lm.parameters()).device
+    twin, device = at_initialisation(lm, seed=profile.seed), next(lm.parameters()).device
     contexts = {split: load_tokens(profile, split) for split in ("train", "mae")}
     ids = {split: torch.tensor(rows.select(range(min(max_contexts, len(rows))))["input_ids"], dtype=torch.int64)
            for split, rows in contexts.items()}

@@ -4,9 +4,9 @@
     result = train_sae(sae, activations, epochs=100)   # activations: (rows, d_in)
     result.history.plot(x="epoch", y="val_loss")
 
-Where to change what: the loss of an architecture in saelab/architectures.py (its terms are the
-functions of saelab/loss.py), the learning-rate and sparsity schedules in `lr_at` and `l1_at` below,
-the step itself (Adam, constraint, CUDA graph) in saelab/step.py. The loop never branches on the
+Where to change what: the loss of an architecture in its file under saelab/sae/ (its terms are the
+functions of saelab/sae/loss.py), the learning-rate and sparsity schedules in `lr_at` and `l1_at` below,
+the step itself (Adam, constraint, CUDA graph) in saelab/train/step.py. The loop never branches on the
 architecture: it asks the SAE for its gradients and its constraint.
 
 With `run_dir`, the run checkpoints (safetensors + JSON, no pickle), logs to wandb, writes history.csv
@@ -28,14 +28,14 @@ import pandas as pd
 import torch
 from tqdm import tqdm  # text bars: a saved notebook keeps their last line (tqdm.auto widgets stay at "0%")
 
-from saelab.batching import as_activations, device_batches, epoch_order, to_training_device, train_val_split
-from saelab.checkpoint import load_checkpoint, prepare_run_dir, restore_optimizer, save_checkpoint
 from saelab.config import GPT2, TRAINING_FIELDS, Profile
 from saelab.devices import canonical, device_of, tf32_matmuls
 from saelab.metrics import evaluate, total_variance
 from saelab.sae import REGISTRY, SAE, sae_for
-from saelab.step import RunningStats, Stepper, make_adam
-from saelab.tracking import RunLog
+from saelab.train.batching import as_activations, device_batches, epoch_order, to_training_device, train_val_split
+from saelab.train.checkpoint import load_checkpoint, prepare_run_dir, restore_optimizer, save_checkpoint
+from saelab.train.step import RunningStats, Stepper, make_adam
+from saelab.train.tracking import RunLog
 
 RESUMABLE_CHANGES = ("epochs", "checkpoint_every", "checkpoint_minutes", "log_every", "cuda_graph")
 SPARSITY_FIELDS = ("l1_coefficient", "l0_coefficient")  # an architecture's `sparsity_setting` is one of these

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from saelab import paths
-from saelab.analysis import check_matches
+from saelab.features.analysis import check_matches
 from saelab.sae import SAE
 from saelab.store import ActivationStore
 
