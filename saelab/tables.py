@@ -2,6 +2,7 @@
 
     display(tables.show(results, "Sweep results"))   # a styled table: what a reader sees
     tidy = tables.tidy(results)                       # the same as a DataFrame, for further use
+    tables.save_csv(results, profile, "05_sweep")     # figures/<profile>/05_sweep.csv: the data behind it
 
 One unit per quantity, everywhere: a share of tokens or features (firing frequency, dead and dense
 latents, recovered features, CE loss recovered) is a percent, in a column named `<name>_pct` (text
@@ -14,9 +15,12 @@ fractions (`dead_fraction`, `frequency`): `tidy` converts them for display, so a
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+from saelab import paths
 
 PERCENT = {  # fraction column (0..1) -> the percent column tables show instead
     "frequency": "firing_pct",
@@ -89,3 +93,16 @@ def show(frame: pd.DataFrame | pd.Series, caption: str | None = None, digits: in
     profile and device). `.to_html()` gives the page fragment to save."""
     table = tidy(frame, digits)
     return Table(table.to_frame() if isinstance(table, pd.Series) else table, caption, digits)
+
+
+def save_csv(frame: pd.DataFrame | pd.Series, profile, name: str) -> Path:
+    """Every table a notebook shows is also data: `frame` at full precision (not rounded, fractions as
+    fractions) written atomically to figures/<profile>/<name>.csv, e.g. name "06_probing"; returns the path.
+    A reader can recompute any number of the figure beside it from this file."""
+    if not name or any(c in name for c in "/\\") or name.startswith("."):
+        raise ValueError(f"name={name!r}: a plain file name like '06_probing' (no folders)")
+    directory = paths.figures_dir(profile)
+    directory.mkdir(parents=True, exist_ok=True)
+    frame = frame.to_frame() if isinstance(frame, pd.Series) else frame
+    index = not isinstance(frame.index, pd.RangeIndex)  # a meaningful index (e.g. method names) is a column
+    return paths.replace_atomically(directory / f"{name}.csv", lambda tmp: frame.to_csv(tmp, index=index))

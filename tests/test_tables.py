@@ -3,6 +3,7 @@
 import math
 
 import pandas as pd
+import pytest
 
 from saelab import tables
 
@@ -36,3 +37,15 @@ def test_show_styles_the_tidy_table_with_a_caption_in_html_and_text():
     assert "firing_pct" in html and "1.235" in html and "Top features" in html and "1.234560" not in html
     assert repr(table).splitlines() == ["Top features", "  firing_pct n_active", "0      1.235   12,345"]
     assert "Styler" not in repr(table)  # a saved notebook's text view shows the table, not an object address
+
+
+def test_save_csv_writes_the_full_precision_table_beside_the_figures(tmp_path, monkeypatch):
+    monkeypatch.setenv("SAELAB_ROOT", str(tmp_path))
+    frame = pd.DataFrame({"method": ["sae", "pca"], "auc": [0.912345678, 0.5]})
+    path = tables.save_csv(frame, "offline", "06_probing")
+    assert path == tmp_path / "figures" / "offline" / "06_probing.csv"
+    assert pd.read_csv(path).equals(frame)  # not rounded: a reader recomputes from it
+    named = tables.save_csv(frame.set_index("method")["auc"], "offline", "06_by_method")
+    assert list(pd.read_csv(named).columns) == ["method", "auc"]
+    with pytest.raises(ValueError, match="plain file name"):
+        tables.save_csv(frame, "offline", "../escape")
