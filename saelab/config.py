@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
+from saelab.paths import is_slug
+
 # How TransformerLens processes GPT-2's weights: chosen so that blocks.L.hook_resid_pre equals Hugging
 # Face's hidden_states[L] (the seed's residual stream); saelab.data.lm says why each. A store records them.
 LM_SETTINGS = {"fold_ln": True, "center_writing_weights": False, "center_unembed": False,
@@ -170,6 +172,9 @@ class Profile:
         for name in ("synth_dict_ratios", "synth_l1_coefficients", "synth_topk_ks", "synth_l0_coefficients"):
             object.__setattr__(self, name, tuple(getattr(self, name)))  # JSON gives lists; keep tuples
         problems = []
+        if not is_slug(self.name):  # it becomes the folder runs/<name>, and profile JSON files are shared
+            problems.append(f"name={self.name!r}: use a plain name (letters, digits, '.', '_', '-', starting with a "
+                            "letter or digit; no '/', no '..', not empty): it becomes the folder runs/<name>")
         if not self.hook.startswith("blocks.") or not self.hook.split(".")[1].isdigit():
             problems.append(f"hook={self.hook!r}: use a TransformerLens name like 'blocks.6.hook_resid_pre'")
         # the registry (saelab.sae registers the built-ins), so a newly registered class is valid too
