@@ -8,7 +8,8 @@ In order: (1) the test suite on this machine, CUDA cases included (`pytest tests
 the CPU-vs-CUDA comparisons alone); (2) training throughput at the seed's scale, 768 -> 6144, batch 512,
 2.54M rows: saelab float32/TF32 and bfloat16, eager and with host-streamed data, the seed article's own
 loop and SAELens, side by side (benchmarks/train.py); (3) max-activating examples over the seed's 635k
-MAE tokens (benchmarks/mae.py); (4) capture throughput of a GPT-2-small-shape model (benchmarks/capture.py).
+MAE tokens (benchmarks/mae.py); (4) capture throughput of a GPT-2-small-shape model (benchmarks/capture.py);
+(5) reading a store with and without its checksums (benchmarks/store_read.py).
 Each step runs in its own process with a time limit, so one failure does not hide the rest; the last
 thing printed is one summary table. Exit status 0 only if every step passed.
 """
@@ -83,6 +84,8 @@ def main(args) -> int:
     capture = [python, str(HERE / "capture.py"), "--device", device]  # saelab's CUDA batch next to the seed's 32
     capture += ["--smoke"] if args.smoke else ["--case", "gpt2-small-shape", "--batch-size", "32", "0"]
     results["capture"] = run_step("capture", capture, 300, out)
+    store_read = [python, str(HERE / "store_read.py")] + (["--smoke"] if args.smoke else [])  # the checksums' cost
+    results["store_read"] = run_step("store_read", store_read, 300, out)
     if not args.smoke:  # last, as it may take long: torch.compile(mode="reduce-overhead") instead of saelab's graph
         results["compile"] = run_step("compile", [python, str(HERE / "train.py"), "--device", device, "--rows",
                                                   str(SEED_ROWS), "--steps", "500", "--trainers", "saelab-compile",
@@ -105,7 +108,7 @@ def summary(results: dict, out: Path, name: str) -> None:
         if "saelab" in table and "saelens" in table:
             ratio = table["saelab"]["tokens_per_s"] / table["saelens"]["tokens_per_s"]
             lines.append(f"\nsaelab / SAELens on the same card: {ratio:.1f}x")
-    for step in ("tests", "kernels", "mae", "capture", "compile"):
+    for step in ("tests", "kernels", "mae", "capture", "store_read", "compile"):
         if step in results and results[step]["tail"]:
             keep = 32 if step == "kernels" else 8
             lines += ["", f"{step} (last lines):", "```", *results[step]["tail"].splitlines()[-keep:], "```"]
