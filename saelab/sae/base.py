@@ -202,16 +202,21 @@ class SAE(nn.Module):
                            "options": self.option_values()}}
 
     def save(self, directory: str | os.PathLike) -> Path:
-        """Write cfg.json and sae_weights.safetensors, each atomically (temp file + rename)."""
+        """Write cfg.json and sae_weights.safetensors, each atomically (temp file + rename); metadata (with
+        saelab's provenance record, saelab.provenance) goes into cfg.json. A failed write (full disk,
+        permission) leaves no temp file behind; training wraps it in a message (saelab.train.checkpoint)."""
         directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
         tensors = {name: t.detach().float().cpu().contiguous() for name, t in self.saelens_tensors().items()}
-        weights_tmp = directory / (WEIGHTS_FILENAME + ".tmp")
-        save_file(tensors, weights_tmp)
-        os.replace(weights_tmp, directory / WEIGHTS_FILENAME)
-        cfg_tmp = directory / (CFG_FILENAME + ".tmp")
-        cfg_tmp.write_text(json.dumps(self.cfg_dict(), indent=2))
-        os.replace(cfg_tmp, directory / CFG_FILENAME)
+        weights_tmp, cfg_tmp = directory / (WEIGHTS_FILENAME + ".tmp"), directory / (CFG_FILENAME + ".tmp")
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            save_file(tensors, weights_tmp)
+            os.replace(weights_tmp, directory / WEIGHTS_FILENAME)
+            cfg_tmp.write_text(json.dumps(self.cfg_dict(), indent=2))
+            os.replace(cfg_tmp, directory / CFG_FILENAME)
+        finally:
+            for tmp in (weights_tmp, cfg_tmp):
+                tmp.unlink(missing_ok=True)
         return directory
 
     @classmethod

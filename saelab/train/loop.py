@@ -33,7 +33,14 @@ from saelab.devices import canonical, device_of, tf32_matmuls
 from saelab.metrics import evaluate, total_variance
 from saelab.sae import REGISTRY, SAE, sae_for
 from saelab.train.batching import as_activations, device_batches, epoch_order, to_training_device, train_val_split
-from saelab.train.checkpoint import load_checkpoint, prepare_run_dir, restore_optimizer, save_checkpoint
+from saelab.train.checkpoint import (
+    load_checkpoint,
+    locks_run_dir,
+    prepare_run_dir,
+    restore_optimizer,
+    save_checkpoint,
+    save_sae,
+)
 from saelab.train.step import RunningStats, Stepper, make_adam
 from saelab.train.tracking import RunLog
 
@@ -219,6 +226,7 @@ class Trainer:
         return True
 
 
+@locks_run_dir
 def train_sae(sae: SAE, activations, *, device: str | torch.device | None = None, progress: bool = True,
               run_dir: str | Path | None = None, resume: bool = True, overwrite: bool = False,
               max_steps: int | None = None, run_name: str | None = None, run_config: dict | None = None,
@@ -260,7 +268,7 @@ def train_sae(sae: SAE, activations, *, device: str | torch.device | None = None
             log.finish()
     history = RunLog.write_history(run_dir, trainer.history)
     if finished and run_dir is not None:
-        sae.save(run_dir)  # the run's SAE: cfg.json + sae_weights.safetensors (SAELens format)
+        save_sae(sae, run_dir)  # the run's SAE: cfg.json + sae_weights.safetensors (SAELens format)
     return TrainResult(sae=sae, history=history)
 
 
