@@ -50,7 +50,7 @@ def test_notebook_follows_the_conventions(path):
 
 LAYERS = {  # STYLE.md: the core at the root, one room per stage; a room imports from its own layer or below
     1: {"paths", "devices", "tables", "sae"},  # pure tensor code and files: no model, no profile
-    2: {"config", "metrics", "store", "plots", "workbook"},  # the rest of the core
+    2: {"config", "metrics", "store", "provenance", "plots", "workbook"},  # the rest of the core
     3: {"data", "train", "features"},  # notebooks 01-02, 03, 04: each needs only the core
     4: {"studies"},  # notebooks 05-06: may use every stage
 }

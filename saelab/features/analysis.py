@@ -19,7 +19,7 @@ import pandas as pd
 import torch
 from tqdm import tqdm  # text bars: a saved notebook keeps their last line (tqdm.auto widgets stay at "0%")
 
-from saelab import paths
+from saelab import paths, provenance
 from saelab.config import LM_SETTINGS, Profile
 from saelab.devices import accumulator_dtype, device_of, module_on
 from saelab.sae import CFG_FILENAME, SAE, WEIGHTS_FILENAME
@@ -55,8 +55,9 @@ def _unkey(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.where(valid, values, 0.0), torch.where(valid, rows, -1)
 
 
-def check_matches(sae: SAE, store: ActivationStore, where: str = "the SAE") -> None:
-    """A clear error when an SAE cannot read this store (width, or another hook)."""
+def check_matches(sae: SAE, store: ActivationStore, where: str = "the SAE", *, allow_stale: bool = False) -> None:
+    """A clear error when an SAE cannot read this store (width, another hook), or was trained on a store of
+    other settings (saelab.provenance.check names each; allow_stale=True proceeds with a warning)."""
     if sae.d_in != store.d_in:
         raise ValueError(f"{where} expects d_in={sae.d_in} but the store at {store.directory} has d_in={store.d_in}; "
                          "use the SAE trained on this store's hook (rerun notebook 03)")
@@ -64,6 +65,7 @@ def check_matches(sae: SAE, store: ActivationStore, where: str = "the SAE") -> N
     if trained_on and trained_on != store.hook:
         raise ValueError(f"{where} was trained on {trained_on!r} but the store holds {store.hook!r}; "
                          "use the store captured at the SAE's hook, or retrain the SAE (notebook 03)")
+    provenance.check(sae, store, where, allow_stale=allow_stale)
 
 
 def feature_stats(totals: torch.Tensor, counts: torch.Tensor, max_values: torch.Tensor,
@@ -165,7 +167,8 @@ def top_features(stats: pd.DataFrame, by: str = "total_activation", n: int = 20)
     return stats.sort_values([by, "feature"], ascending=[False, True], kind="stable").head(n)
 
 
-def load_sae(profile: Profile, device: str | torch.device = "cpu") -> SAE:
+def load_sae(profile: Profile, device: str | torch.device = "cpu", *, store: ActivationStore | None = None,
+             allow_stale: bool = False) -> SAE:
     """The SAE notebook 04 analyses for `profile`, loaded on `device` (default "cpu"): the
     SAELens-format folder `profile.sae_path` when set (cfg.json + sae_weights.safetensors, e.g. a
     public SAE that SAELens downloaded and saved with `save_model`), else notebook 03's SAE in
@@ -174,7 +177,8 @@ def load_sae(profile: Profile, device: str | torch.device = "cpu") -> SAE:
     Refuses, saying what to do, an SAE that does not read this profile's hook (d_in, or cfg.json's
     metadata.hook_name when it names one); `SAE.load` refuses cfg.json settings it cannot apply, so
     features are never silently wrong. A different metadata.model_name only warns: names differ
-    by alias (SAELens' "gpt2-small" is TransformerLens' "gpt2").
+    by alias (SAELens' "gpt2-small" is TransformerLens' "gpt2"). Given the `store` to analyse, refuses an
+    SAE trained on a store of other settings (check_matches; allow_stale=True proceeds with a warning).
     """
     folder = Path(profile.sae_path).expanduser() if profile.sae_path else paths.sae_dir(profile)
     if profile.sae_path and not folder.is_dir():
@@ -198,6 +202,9 @@ def load_sae(profile: Profile, device: str | torch.device = "cpu") -> SAE:
                       f"with {({k: LM_SETTINGS[k] for k in differ})} (Hugging Face's residual stream); "
                       "center_writing_weights removes each residual vector's mean over d_model, so expect a "
                       "worse reconstruction here than its authors report", stacklevel=2)
+    provenance.note_if_unrecorded(sae, f"the SAE at {folder}")  # SAELens folders still load
+    if store is not None:
+        check_matches(sae, store, f"the SAE at {folder}", allow_stale=allow_stale)
     return sae
 
 

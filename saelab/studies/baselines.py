@@ -159,9 +159,11 @@ def fit_baselines(profile, store: ActivationStore, device="cpu") -> list[LinearD
             ica_directions(sample, n_ica, profile.interp_ica_max_iter, profile.seed)]
 
 
-def trained_saes(profile, store: ActivationStore, device="cpu") -> tuple[list[SAEDirections], dict[str, str]]:
+def trained_saes(profile, store: ActivationStore, device="cpu", *,
+                 allow_stale: bool = False) -> tuple[list[SAEDirections], dict[str, str]]:
     """Notebook 03's SAE (folder "sae", first) and every other run folder under the same parent (the
-    architecture comparison: "standard", "topk", ...), each checked against the store. Returns the SAEs
+    architecture comparison: "standard", "topk", ...), each checked against the store (one trained on a
+    store of other settings is refused, naming each; allow_stale=True warns instead). Returns the SAEs
     and {folder: why it was not loaded} for folders without a finished SAE."""
     main = paths.sae_dir(profile)
     folders = [main] + sorted(p for p in main.parent.glob("*") if p.is_dir() and p != main)
@@ -174,7 +176,7 @@ def trained_saes(profile, store: ActivationStore, device="cpu") -> tuple[list[SA
                 raise FileNotFoundError(f"no SAE at {main} ({err}); run notebook 03 first") from err
             skipped[folder.name] = str(err).split(";")[0]
             continue
-        check_matches(sae, store, f"the SAE at {folder}")
+        check_matches(sae, store, f"the SAE at {folder}", allow_stale=allow_stale)
         name = f"SAE {sae.architecture}"
         if any(d.name == name for d in found):  # e.g. a second run of the profile's architecture
             name = f"{name} ({folder.name})"

@@ -35,13 +35,14 @@ def quality(sae, eval_activations: torch.Tensor, lm, tokens: torch.Tensor, profi
 
 def compare_architectures(profile, train_activations: torch.Tensor, eval_activations: torch.Tensor, lm,
                           tokens: torch.Tensor, architectures: tuple[str, ...] | None = None,
-                          progress: bool = True) -> pd.DataFrame:
-    """Train (or reuse) one SAE per architecture (default: all registered) and measure each with `quality`."""
+                          progress: bool = True, store=None) -> pd.DataFrame:
+    """Train (or reuse) one SAE per architecture (default: all registered) and measure each with `quality`.
+    `store`: the ActivationStore train_activations came from, recorded in each SAE (train_profile)."""
     rows = []
     for architecture in architectures or architecture_names():
         name = run_name(profile, architecture)
         sae = train_profile(profile.replace(architecture=architecture), train_activations, name,
-                            progress=progress).sae
+                            progress=progress, store=store).sae
         rows.append({"architecture": architecture, "run": name,
                      **quality(sae, eval_activations, lm, tokens, profile)})
     return pd.DataFrame(rows).set_index("architecture")

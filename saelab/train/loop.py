@@ -31,7 +31,9 @@ from tqdm import tqdm  # text bars: a saved notebook keeps their last line (tqdm
 from saelab.config import GPT2, TRAINING_FIELDS, Profile
 from saelab.devices import canonical, device_of, tf32_matmuls
 from saelab.metrics import evaluate, total_variance
+from saelab.provenance import record_provenance
 from saelab.sae import REGISTRY, SAE, sae_for
+from saelab.store import ActivationStore
 from saelab.train.batching import as_activations, device_batches, epoch_order, to_training_device, train_val_split
 from saelab.train.checkpoint import (
     load_checkpoint,
@@ -289,16 +291,19 @@ def profile_training_options(profile: Profile, sae: SAE) -> dict:
 
 
 def train_profile(profile: Profile, activations, name: str = "sae", *, resume: bool = True, overwrite: bool = False,
-                  progress: bool = True, device: str | None = None, max_steps: int | None = None) -> TrainResult:
+                  progress: bool = True, device: str | None = None, max_steps: int | None = None,
+                  store: ActivationStore | None = None) -> TrainResult:
     """Notebook 03: a fresh SAE for the profile, trained with the profile's settings in the run folder
     paths.sae_dir(profile, name), on `device` (default: the GPU when there is one), where result.sae stays.
     Rerunning resumes (or returns the finished run at once). A run there from other settings is refused:
-    pass overwrite=True or another `name`."""
+    pass overwrite=True or another `name`. `store`: the store `activations` came from, recorded in the
+    saved SAE's cfg.json (saelab.provenance), so analysing it against another store is caught."""
     from saelab import paths
     from saelab.config import default_device
 
     device = device or default_device()
     sae = sae_for_profile(profile, device)
+    record_provenance(sae, store, profile=profile.name, training=profile_training_options(profile, sae))
     return train_sae(sae, activations, device=device, progress=progress, run_dir=paths.sae_dir(profile, name),
                      resume=resume, overwrite=overwrite, max_steps=max_steps, run_name=f"{profile.name}-{name}",
                      run_config={"profile": profile.to_dict()}, **profile_training_options(profile, sae))
