@@ -12,7 +12,8 @@ from tiny import tiny_fixture, tiny_tokens_root_fixture  # noqa: F401  (fixtures
 from saelab import paths
 from saelab.data import capture, lm, tokens
 from saelab.data.tokens import load_tokens
-from saelab.store import ActivationStore
+from saelab.paths import LOCK_FILE, FolderBusy
+from saelab.store import CHECKSUM, ActivationStore, ShardDamaged
 
 DRIVER = Path(__file__).with_name("capture_driver.py")
 
@@ -155,7 +156,9 @@ def test_killed_capture_resumes_to_the_same_store(tiny, tmp_path):
     partial = json.loads((paths.store_dir(tiny) / "manifest.json").read_text())
     assert not partial["complete"] and len(partial["shards"]) == 1
     assert (paths.store_dir(tiny) / "shard_00001.safetensors").is_file()  # on disk, not in the manifest
+    assert (paths.store_dir(tiny) / LOCK_FILE).is_file()  # left by the dead process: taken over below
     resumed = capture.capture_activations(tiny, device="cpu", progress=False)
+    assert not (paths.store_dir(tiny) / LOCK_FILE).exists()
     assert capture.read_stats(tiny)["resumed_from_context"] == partial["n_contexts"] > 0
     os.environ["SAELAB_ROOT"] = str(tmp_path / "uninterrupted")  # restored by conftest's monkeypatch
     paths.tokens_dir(tiny).parent.mkdir(parents=True)
@@ -205,3 +208,59 @@ def test_open_store_refuses_another_hook_or_position_rule(tiny):
         capture.open_store(tiny.replace(hook="blocks.0.hook_resid_pre"), "train")
     with pytest.raises(ValueError, match="exclude_first_position"):
         capture.open_store(tiny.replace(exclude_first_position=False), "train")
+
+
+def uninterrupted_capture(tiny, tmp_path) -> ActivationStore:
+    """The same capture in a fresh saelab root that shares this test's token files."""
+    tokens = paths.tokens_dir(tiny)
+    os.environ["SAELAB_ROOT"] = str(tmp_path / "uninterrupted")  # restored by conftest's monkeypatch
+    paths.tokens_dir(tiny).parent.mkdir(parents=True)
+    os.symlink(tokens, paths.tokens_dir(tiny))
+    return capture.capture_activations(tiny, device="cpu", progress=False)
+
+
+def test_a_second_capture_while_one_runs_is_refused_and_the_store_equals_one_capture(tiny, tmp_path):
+    profile_json = tmp_path / "tiny.json"
+    profile_json.write_text(tiny.to_json())
+    first = subprocess.Popen([sys.executable, str(DRIVER), str(profile_json), "2", "hold"], env=os.environ.copy(),
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert first.stdout.readline().strip() == "holding", first.stderr.read()[-2000:]
+        with pytest.raises(FolderBusy, match=rf"activations/train is being written by another process: pid "
+                                             rf"{first.pid} on .*writing an activation store. Wait for it"):
+            capture.capture_activations(tiny, device="cpu", progress=False)
+    finally:
+        first.stdin.close()
+        assert first.wait(timeout=600) == 0, first.stderr.read()[-2000:]
+    store = capture.capture_activations(tiny, device="cpu", progress=False)  # complete: returned as it is
+    whole = uninterrupted_capture(tiny, tmp_path)
+    assert store.manifest == whole.manifest
+    assert [p.read_bytes() for p in store.shard_paths()] == [p.read_bytes() for p in whole.shard_paths()]
+
+
+def test_the_manifest_records_the_tokenizer_and_the_versions(tiny):
+    store = capture.capture_activations(tiny, device="cpu", progress=False)
+    tokenizer = tokens.load_tokenizer(tiny)
+    recorded = store.manifest["provenance"]
+    assert recorded["tokenizer"] == capture.tokenizer_identity(tokenizer)
+    assert recorded["tokenizer"]["vocab_size"] == len(tokenizer) and len(recorded["tokenizer"]["vocab_sha256"]) == 64
+    assert recorded["versions"]["torch"] == torch.__version__ and recorded["versions"]["saelab"]
+    assert store.has_checksums and store.verify() == []
+
+
+def test_a_damaged_shard_is_named_and_repair_store_recaptures_just_it_bit_identical(tiny):
+    store = capture.capture_activations(tiny, device="cpu", progress=False)
+    before = [p.read_bytes() for p in store.shard_paths()]
+    stamps = [p.stat().st_mtime_ns for p in store.shard_paths()]
+    damaged = store.shard_paths()[1]
+    data = bytearray(damaged.read_bytes())
+    data[-7] ^= 0x01  # one flipped bit in the data; the header still parses
+    damaged.write_bytes(bytes(data))
+    with pytest.raises(ShardDamaged, match=r"shard_00001.safetensors in the activation store .*activations/train "
+                                           r"does not match its checksum.*repair_store\(profile, 'train'\)"):
+        capture.open_store(tiny).activations()
+    assert capture.repair_store(tiny, progress=False) == ["shard_00001.safetensors"]
+    assert [p.read_bytes() for p in store.shard_paths()] == before
+    untouched = [p.stat().st_mtime_ns for i, p in enumerate(store.shard_paths()) if i != 1]
+    assert untouched == [s for i, s in enumerate(stamps) if i != 1]  # only the damaged shard was rewritten
+    assert capture.repair_store(tiny, progress=False) == [] and CHECKSUM in store.manifest["shards"][1]

@@ -23,6 +23,7 @@ On CUDA:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import time
@@ -37,7 +38,7 @@ from saelab.data.lm import check_hook, load_lm
 from saelab.data.offline_lm import lm_training_settings
 from saelab.data.tokens import load_tokens, read_info, token_settings
 from saelab.devices import check_device, tf32_matmuls
-from saelab.store import DTYPES, INDEX_FIELDS, MANIFEST, ActivationStore, StoreWriter
+from saelab.store import DTYPES, INDEX_FIELDS, MANIFEST, ActivationStore, StoreWriter, replace_shard
 
 STATS = "capture_stats.json"  # throughput of the last capture run; not part of the store's identity
 # notebook 02's plots: 64 contexts give stable 10/90% norm quantiles per position in one forward pass;
@@ -190,11 +191,22 @@ class ShardBuffer:
         self.contexts -= sum(sizes)
 
 
+def tokenizer_identity(tokenizer) -> dict | None:
+    """The tokenizer as the store's provenance records it: vocabulary size and a SHA-256 of the vocabulary
+    (the same tokenizer under any name or path gives the same digest)."""
+    if tokenizer is None:
+        return None
+    vocab = json.dumps(sorted(tokenizer.get_vocab().items()))
+    return {"vocab_size": len(tokenizer), "vocab_sha256": hashlib.sha256(vocab.encode()).hexdigest()}
+
+
 def _open_writer(profile: Profile, split: str, lm) -> StoreWriter:
+    """The store's writer, holding the folder's lock: a second capture into it is refused, naming this one."""
     directory = paths.store_dir(profile, split)
     identity = _expected(profile, split) | {"metadata": store_metadata(profile, split, lm)}
     try:
-        return StoreWriter(directory, **identity)
+        return StoreWriter(directory, **identity,
+                           provenance={"tokenizer": tokenizer_identity(getattr(lm, "tokenizer", None))})
     except ValueError as err:  # a store of other settings: say which folder to delete and what to rerun
         stored = json.loads((directory / MANIFEST).read_text())
         raise ValueError(stale_store_message(profile, split, differences(stored, identity) or [str(err)])) from err
@@ -223,9 +235,15 @@ def capture_activations(profile: Profile, split: str = "train", device: str | No
         lm = load_lm(profile, device or default_device())
     device = check_device(lm, device)
     check_hook(lm, profile.hook)
-    writer = _open_writer(profile, split, lm)
-    if writer.is_complete:
-        return ActivationStore(writer.directory, hook=profile.hook, d_in=profile.d_in)
+    with _open_writer(profile, split, lm) as writer:  # the lock is released however the capture ends
+        if writer.is_complete:
+            return ActivationStore(writer.directory, hook=profile.hook, d_in=profile.d_in)
+        return _capture(profile, split, lm, device, writer, tokens, batch_size, progress)
+
+
+def _capture(profile: Profile, split: str, lm, device: torch.device, writer: StoreWriter, tokens,
+             batch_size: int | None, progress: bool) -> ActivationStore:
+    """The capture loop of capture_activations, into an open writer."""
     n, done = len(tokens), writer.contexts_done
     size, first, buffer = batch_size or capture_batch(profile, lm, device), done, ShardBuffer(writer, profile)
     started = time.perf_counter()
@@ -256,6 +274,38 @@ def capture_activations(profile: Profile, split: str = "train", device: str | No
              "tokens_per_s": captured / elapsed if elapsed > 0 else None, "resumed_from_context": done}
     (writer.directory / STATS).write_text(json.dumps(stats, indent=2))
     return store
+
+
+@torch.inference_mode()
+def repair_store(profile: Profile, split: str = "train", device: str | None = None, *, lm=None,
+                 progress: bool = True) -> list[str]:
+    """Check every shard of the finished store of `split` (`ActivationStore.verify`) and recapture just
+    the damaged ones, each from its own contexts with the store's settings; returns their file names
+    ([] when the store was sound). A recapture on the device and versions of the original is bit-identical;
+    elsewhere it differs within rounding, the new checksum is recorded and a warning says so."""
+    store = open_store(profile, split)  # refuses a store whose settings no longer match the profile
+    damaged = set(store.verify(progress=progress))
+    if not damaged:
+        return []
+    tokens = load_tokens(profile, split).with_format("torch")
+    if lm is None:
+        lm = load_lm(profile, device or default_device())
+    device = check_device(lm, device)
+    check_hook(lm, profile.hook)
+    first, size = 0, capture_batch(profile, lm, device)
+    with tf32_matmuls(device.type == "cuda" and profile.store_dtype != "float32"):  # as the capture ran
+        for shard in store.manifest["shards"]:
+            if shard["file"] in damaged:
+                ids = tokens[first:first + shard["contexts"]]["input_ids"].to(torch.int64)  # (contexts, pos)
+                rows = torch.cat([hook_rows(lm, ids[i:i + size], profile, device).cpu()
+                                  for i in range(0, len(ids), size)])  # (contexts * stored positions, d_in)
+                index = row_index(ids, first, profile.exclude_first_position)
+                if not replace_shard(store, shard["file"], rows, index):
+                    warnings.warn(f"repair_store: the recaptured {shard['file']} differs in its bytes from the "
+                                  "original capture (another device or library version); its new checksum is "
+                                  "recorded", stacklevel=2)
+            first += shard["contexts"]
+    return sorted(damaged)
 
 
 @torch.inference_mode()
