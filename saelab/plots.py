@@ -150,7 +150,9 @@ def write_if_changed(path: Path, text: str) -> bool:
     path = Path(path)
     if path.is_file() and same_up_to_float_noise(path.read_text(encoding="utf-8"), text):
         return False
-    paths.replace_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    with paths.writing(f"the page {path.name}", path.parent, kept="Figures and pages already written are kept",
+                       then="rerun the cell"):  # a full disk or a read-only folder: a message, not a traceback
+        paths.replace_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
     return True
 
 

@@ -110,3 +110,16 @@ def test_a_failed_atomic_write_leaves_no_temp_file(tmp_path):
     with pytest.raises(OSError):
         paths.replace_atomically(tmp_path / "x.json", fail)
     assert os.listdir(tmp_path) == []
+
+
+def test_a_figure_or_dashboard_page_on_a_full_disk_says_so_and_leaves_no_temp_file(tmp_path, monkeypatch):
+    from saelab import plots
+
+    def full(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(type(tmp_path), "write_text", full)
+    with pytest.raises(WriteFailed, match=rf"could not write the page feature_3.html to {tmp_path}: the disk is "
+                                          r"full.*Figures and pages already written are kept.*rerun the cell"):
+        plots.write_if_changed(tmp_path / "feature_3.html", "<html></html>")
+    assert os.listdir(tmp_path) == []
