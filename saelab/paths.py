@@ -111,6 +111,7 @@ def write_json_atomically(path: Path, payload, indent: int | None = 2) -> Path:
 # ---------------------------------------------------------------------------------------------- locks
 
 LOCK_FILE = ".saelab.lock"
+GARBLED_AFTER_S = 5.0  # a lock file still empty or unreadable after this long was left by a writer killed mid-create
 _HELD: weakref.WeakValueDictionary[str, FolderLock] = weakref.WeakValueDictionary()  # in this process
 _HELD_GUARD = threading.Lock()
 
@@ -151,10 +152,10 @@ class FolderLock:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
                 holder = self._holder()
-                if holder is None:  # vanished or half-written: the other writer is mid-create or mid-release
+                if holder is None and self._age() < GARBLED_AFTER_S:  # the other writer is mid-create or mid-release
                     time.sleep(0.05)
                     continue
-                self._take_over_or_refuse(holder, key)
+                self._take_over_or_refuse(holder or {}, key)  # {}: empty for long, left by a writer killed mid-create
                 continue
             with os.fdopen(fd, "w") as out:
                 out.write(json.dumps(me))
@@ -163,6 +164,12 @@ class FolderLock:
                 _HELD[key] = self
             return self
         raise FolderBusy(f"could not lock {self.folder}: {self.path} keeps changing hands; retry in a moment")
+
+    def _age(self) -> float:
+        try:
+            return time.time() - self.path.stat().st_mtime
+        except FileNotFoundError:
+            return 0.0
 
     def _holder(self) -> dict | None:
         try:
@@ -174,12 +181,12 @@ class FolderLock:
     def _take_over_or_refuse(self, holder: dict, key: str) -> None:
         pid, host = holder.get("pid"), holder.get("host")
         who = f"pid {pid} on {host}, since {holder.get('since')}, {holder.get('what', 'writing')}"
-        if host != socket.gethostname():
+        if holder and host != socket.gethostname():
             raise FolderBusy(f"{self.folder} is locked by another machine ({who}). If that machine no longer "
                              f"writes here, delete {self.path} and rerun; else wait for it or use another folder")
         with _HELD_GUARD:
             mine = _HELD.get(key)
-        if isinstance(pid, int) and _alive(pid) and (pid != os.getpid() or mine is not None):
+        if holder and isinstance(pid, int) and _alive(pid) and (pid != os.getpid() or mine is not None):
             what = ("another call in this process (e.g. a notebook cell still running, or one you interrupted "
                     "whose result is still referenced)" if pid == os.getpid() else "another process")
             raise FolderBusy(f"{self.folder} is being written by {what}: {who}. Wait for it to finish (or stop "
@@ -194,7 +201,7 @@ class FolderLock:
         try:
             moved = json.loads(stale.read_text())
         except (OSError, json.JSONDecodeError):
-            moved = None
+            moved = {}
         if moved != holder:  # another taker replaced it in between: put the live lock back if the spot is free
             with contextlib.suppress(OSError):
                 os.link(stale, self.path)

@@ -4,6 +4,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 from faults import another_process_holds
@@ -71,6 +72,14 @@ def test_a_lock_left_by_a_dead_process_is_taken_over(tmp_path):
     with FolderLock(tmp_path, "taking over"):
         assert json.loads((tmp_path / LOCK_FILE).read_text())["pid"] == os.getpid()
     assert sorted(os.listdir(tmp_path)) == []  # no stale copies left behind
+
+
+def test_an_empty_lock_file_left_long_ago_by_a_writer_killed_mid_create_is_taken_over(tmp_path):
+    (tmp_path / LOCK_FILE).write_text("")
+    old = time.time() - 60
+    os.utime(tmp_path / LOCK_FILE, (old, old))
+    with FolderLock(tmp_path, "taking over"):
+        assert json.loads((tmp_path / LOCK_FILE).read_text())["pid"] == os.getpid()
 
 
 def test_a_lock_from_another_machine_is_refused_naming_it(tmp_path):
