@@ -238,7 +238,7 @@ def test_a_second_capture_while_one_runs_is_refused_and_the_store_equals_one_cap
     assert [p.read_bytes() for p in store.shard_paths()] == [p.read_bytes() for p in whole.shard_paths()]
 
 
-def test_the_manifest_records_the_tokenizer_and_the_versions(tiny):
+def test_the_manifest_records_the_tokenizer_and_versions_and_repair_store_recaptures_just_a_damaged_shard(tiny):
     store = capture.capture_activations(tiny, device="cpu", progress=False)
     tokenizer = tokens.load_tokenizer(tiny)
     recorded = store.manifest["provenance"]
@@ -246,10 +246,6 @@ def test_the_manifest_records_the_tokenizer_and_the_versions(tiny):
     assert recorded["tokenizer"]["vocab_size"] == len(tokenizer) and len(recorded["tokenizer"]["vocab_sha256"]) == 64
     assert recorded["versions"]["torch"] == torch.__version__ and recorded["versions"]["saelab"]
     assert store.has_checksums and store.verify() == []
-
-
-def test_a_damaged_shard_is_named_and_repair_store_recaptures_just_it_bit_identical(tiny):
-    store = capture.capture_activations(tiny, device="cpu", progress=False)
     before = [p.read_bytes() for p in store.shard_paths()]
     stamps = [p.stat().st_mtime_ns for p in store.shard_paths()]
     damaged = store.shard_paths()[1]

@@ -32,7 +32,7 @@ def trained_fixture(tiny):
     return profile, train_on_store(profile)
 
 
-def test_the_saved_sae_records_its_store_lm_profile_training_and_versions(trained):
+def test_the_saved_sae_records_its_store_and_reads_the_held_out_split_without_a_word(trained):
     profile, store = trained
     cfg = json.loads((paths.sae_dir(profile) / "cfg.json").read_text())
     record = cfg["metadata"][KEY]
@@ -45,10 +45,6 @@ def test_the_saved_sae_records_its_store_lm_profile_training_and_versions(traine
     assert record["training"] == profile_training_options(profile, SAE.load(paths.sae_dir(profile)))
     assert record["versions"]["torch"] == torch.__version__
     assert SAE.load(paths.sae_dir(profile)).metadata[KEY] == record  # save and load keep it
-
-
-def test_the_sae_reads_the_held_out_split_of_its_store_without_a_word(trained):
-    profile, _ = trained
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no note, no warning: same LM, hook, tokenizer and capture settings
         load_sae(profile, store=capture.open_store(profile, "mae"))
