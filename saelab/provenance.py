@@ -67,10 +67,11 @@ def _flat(value, prefix: str = "") -> dict:
 
 
 def differences(record: dict, store: ActivationStore) -> list[str]:
-    """'setting: trained on X, this store Y' for each setting where the SAE's store and `store` differ."""
+    """'setting: trained on X, this store Y' for each setting where the SAE's store and `store` differ. A
+    setting one side did not record (a store captured before saelab recorded its tokenizer) is not compared."""
     trained, here = _flat(record["store"]["lineage"]), _flat(lineage(store.manifest))
-    return [f"{k}: trained on {trained.get(k)!r}, this store {here.get(k)!r}"
-            for k in sorted(set(trained) | set(here)) if trained.get(k) != here.get(k)]
+    return [f"{k}: trained on {trained[k]!r}, this store {here[k]!r}"
+            for k in sorted(set(trained) & set(here)) if trained[k] != here[k]]
 
 
 def note_if_unrecorded(sae, where: str = "the SAE") -> bool:

@@ -90,3 +90,14 @@ def test_the_store_id_follows_settings_and_content(tmp_path):
     same, also, other_bytes, other_hook = store("a", 1.0), store("b", 1.0), store("c", 2.0), store("d", 1.0, "h")
     assert store_id(same.manifest) == store_id(also.manifest)
     assert len({store_id(s.manifest) for s in (same, other_bytes, other_hook)}) == 3
+
+
+def test_a_setting_one_store_did_not_record_is_not_a_difference(trained):
+    profile, store = trained
+    sae = SAE.load(paths.sae_dir(profile))
+    older = capture.open_store(profile, "mae")
+    del older.manifest["provenance"]  # as a store captured before saelab recorded its tokenizer
+    assert check(sae, older) == []
+    older.manifest["metadata"]["context_size"] = 32  # but a recorded setting that differs is one
+    with pytest.raises(StaleSAE, match="context_size: trained on 16, this store 32"):
+        check(sae, older)
