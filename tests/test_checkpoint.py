@@ -98,3 +98,21 @@ def test_temp_folders_a_killed_checkpoint_write_left_are_removed_by_the_next_run
     assert not list((tmp_path / "run" / "checkpoints").glob("*.tmp"))
     assert json.loads((tmp_path / "run" / "checkpoints" / "latest.json").read_text()) == {
         "checkpoint": "step_00000002"}
+
+
+def test_a_full_disk_while_saving_the_finished_sae_keeps_the_checkpoint_and_the_rerun_saves_it(tmp_path, monkeypatch):
+    whole = run(tmp_path / "whole")
+    real = SAE.save
+
+    def full_in_the_run_folder(self, directory):
+        if directory == tmp_path / "run":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, directory)
+
+    monkeypatch.setattr(SAE, "save", full_in_the_run_folder)
+    with pytest.raises(WriteFailed, match=r"could not write the trained SAE .* to .*run: the disk is full.*The last "
+                                          r"checkpoint, holding the finished SAE, is kept.*rerun the same training"):
+        run(tmp_path / "run")
+    monkeypatch.setattr(SAE, "save", real)
+    run(tmp_path / "run")  # finished: loads the last checkpoint and saves the SAE
+    assert torch.equal(SAE.load(tmp_path / "run").W_enc, whole.sae.W_enc)
