@@ -281,7 +281,7 @@ def training_curves(history: pd.DataFrame, profile: Profile, device: str | None 
                           row=1, col=col)
         fig.update_xaxes(title_text="epoch", row=1, col=col)
         fig.update_yaxes(title_text=y_title, row=1, col=col)
-    fig.update_layout(title=figure_title(f"SAE training ({profile.architecture}, {profile.d_in}->{profile.d_sae})",
+    fig.update_layout(title=figure_title(f"SAE training ({profile.sae.architecture}, {profile.d_in}->{profile.d_sae})",
                                          profile, device), height=420, margin={"t": 120},
                       legend={"orientation": "h", "y": -0.25, "x": 0.5, "xanchor": "center"})
     return readable_axes(fig)

@@ -19,7 +19,7 @@ def test_overrides_from_a_profile_json_reach_every_kernel(tmp_path, monkeypatch,
 
     out_dir = run_notebooks([tmp_path / "01_probe.ipynb"])
 
-    assert json.loads(seen.read_text())["epochs"] == 2
+    assert json.loads(seen.read_text())["train"]["epochs"] == 2
     assert json.loads(seen.read_text())["name"] == "mine"
     assert (out_dir / "01_probe.ipynb").is_file() and out_dir == paths.executed_notebooks_dir("mine")
     # the saved progress bar is its final state, not every update (nor a frozen widget at 0%)
