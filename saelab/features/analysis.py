@@ -38,6 +38,11 @@ class MAEResult:
     index: dict[str, torch.Tensor]  # the store's per-row context, position, token_id
     n_tokens: int  # rows scanned (excluded token ids not counted)
 
+    def head(self, k: int) -> MAEResult:
+        """The same pass with only each feature's k strongest examples (e.g. the seed's 5 of a pass
+        that kept more for the dashboards); statistics and index are shared, not copied."""
+        return MAEResult(self.values[:, :k], self.rows[:, :k], self.stats, self.index, self.n_tokens)
+
 
 def _keys(h: torch.Tensor, first_row: int) -> torch.Tensor:
     """(rows, d_sae) non-negative float32 -> (rows, d_sae) int64 keys ordered by (value, -row)."""
@@ -83,23 +88,46 @@ def feature_stats(totals: torch.Tensor, counts: torch.Tensor, max_values: torch.
     return frame
 
 
-class _Running:
-    """Running top-k keys per feature and the statistics' sums, all kept on the device."""
+class RunningTopK:
+    """Per column, the `k` largest int64 keys seen so far, with payload tensors that travel with them: the
+    one running top-k of saelab's streaming passes (MAE examples; the dashboards' sample of firings).
 
-    def __init__(self, k: int, d_sae: int, device: torch.device):
-        acc = accumulator_dtype(device)  # float64, float32 on MPS (no float64 there)
-        self.k = k
-        self.keys = torch.full((k, d_sae), -1, dtype=torch.int64, device=device)  # -1: no example yet
-        self.totals = torch.zeros(d_sae, dtype=acc, device=device)
-        self.counts = torch.zeros(d_sae, dtype=torch.int64, device=device)
-        self.finite = torch.ones((), dtype=torch.bool, device=device)  # all inputs finite so far
+    keys: (k, columns) int64, descending per column; -1 = nothing kept yet (callers use keys >= 0).
+    payloads: name -> (k, columns, *shape) tensors, the values stored with each key.
+    """
 
-    def update(self, h: torch.Tensor, first_row: int) -> None:
-        """h: (rows, d_sae) activations of store rows first_row, first_row + 1, ..."""
-        self.totals += h.sum(0)  # float32 within a chunk, accumulated in float64 across chunks
-        self.counts += (h > 0).sum(0, dtype=torch.int32)
-        chunk_top = _keys(h, first_row).topk(min(self.k, h.shape[0]), dim=0).values  # (<=k, d_sae)
-        self.keys = torch.cat([self.keys, chunk_top]).topk(self.k, dim=0).values
+    def __init__(self, k: int, columns: int, device: torch.device, **payloads: tuple[tuple[int, ...], float]):
+        """payloads: name=(shape, fill), e.g. windows=((9,), nan): a (k, columns, 9) tensor filled with nan."""
+        self.keys = torch.full((k, columns), -1, dtype=torch.int64, device=device)
+        self.payloads = {name: torch.full((k, columns, *shape), fill, device=device)
+                         for name, (shape, fill) in payloads.items()}
+
+    def update(self, keys: torch.Tensor, payload=None) -> None:
+        """keys: (rows, columns) int64 candidates. payload: a function of the (<=k, columns) row indices of
+        the chunk's best candidates -> {name: (<=k, columns, *shape) tensor}, so a payload is computed for
+        those only. Ties between equal keys never arise when keys are unique (a row number in their bits)."""
+        best = keys.topk(min(self.keys.shape[0], keys.shape[0]), dim=0)  # (<=k, columns)
+        merged = torch.cat([self.keys, best.values]).topk(self.keys.shape[0], dim=0)
+        self.keys = merged.values
+        if self.payloads:
+            extra = payload(best.indices)
+            for name, kept in self.payloads.items():
+                gather = merged.indices.reshape(*merged.indices.shape, *[1] * (kept.dim() - 2))
+                self.payloads[name] = torch.cat([kept, extra[name]]).gather(0, gather.expand_as(kept))
+
+
+@dataclass
+class _Sums:
+    """The statistics' running sums, on the device (float64; float32 on MPS, which has no float64)."""
+
+    totals: torch.Tensor  # (d_sae,) summed activation
+    counts: torch.Tensor  # (d_sae,) int64 tokens where it fired
+    finite: torch.Tensor  # () bool: all inputs finite so far
+
+    @classmethod
+    def zeros(cls, d_sae: int, device: torch.device) -> _Sums:
+        return cls(torch.zeros(d_sae, dtype=accumulator_dtype(device), device=device),
+                   torch.zeros(d_sae, dtype=torch.int64, device=device), torch.ones((), dtype=torch.bool, device=device))
 
 
 @torch.no_grad()
@@ -133,26 +161,26 @@ def max_activating(sae: SAE, store: ActivationStore, k: int = 5, *, device: str 
         raise ValueError(f"{store.n_rows} rows exceed the 2^32 rows a key can number; split the store")
     device = device_of(sae) if device is None else torch.device(device)
     sae = module_on(sae, device)
-    running, excluded = _Running(k, sae.d_sae, device), torch.tensor(sorted(exclude_token_ids or []))
-    index, first_row, n_tokens = {f: [] for f in INDEX_FIELDS}, 0, 0
-    for shard in tqdm(store.iter_shards(), total=len(store.shard_paths()), desc="MAE", disable=not progress):
+    top, sums = RunningTopK(k, sae.d_sae, device), _Sums.zeros(sae.d_sae, device)
+    excluded = torch.tensor(sorted(exclude_token_ids or []), dtype=torch.int64)
+    index, n_tokens = {f: [] for f in INDEX_FIELDS}, 0
+    for chunk in store.chunks(chunk_rows, device, progress=progress, desc="MAE"):
         for f in INDEX_FIELDS:
-            index[f].append(shard[f])
-        keep = ~torch.isin(shard["token_id"], excluded.to(torch.int64))  # (rows,) on the CPU
+            index[f].append(chunk.index[f])
+        keep = ~torch.isin(chunk.index["token_id"], excluded)  # (rows,) on the CPU
         n_tokens += int(keep.sum())
-        for start in range(0, len(keep), chunk_rows):
-            x = shard["activations"][start:start + chunk_rows].to(device, torch.float32)  # (rows, d_in)
-            running.finite &= torch.isfinite(x).all()  # checked once per shard: no device sync per chunk
-            h = sae.encode(x)  # (rows, d_sae)
-            if not keep[start:start + chunk_rows].all():
-                h[~keep[start:start + chunk_rows].to(device)] = 0.0
-            running.update(h, first_row)
-            first_row += h.shape[0]
-        if not running.finite:
-            raise ValueError(f"non-finite activations in {store.directory}, shard ending at row {first_row}; "
-                             "the capture is corrupt: delete the store and rerun notebook 02")
-    values, rows = (t.t().contiguous().cpu() for t in _unkey(running.keys))  # (d_sae, k)
-    stats = feature_stats(running.totals, running.counts, values[:, 0], n_tokens)
+        sums.finite &= torch.isfinite(chunk.activations).all()  # no device sync per chunk
+        h = sae.encode(chunk.activations)  # (rows, d_sae)
+        if not keep.all():
+            h[~keep.to(device)] = 0.0
+        sums.totals += h.sum(0)  # float32 within a chunk, accumulated in float64 across chunks
+        sums.counts += (h > 0).sum(0, dtype=torch.int32)
+        top.update(_keys(h, chunk.first_row))
+    if not sums.finite:
+        raise ValueError(f"non-finite activations in the store at {store.directory}; "
+                         "the capture is corrupt: delete the store and rerun notebook 02")
+    values, rows = (t.t().contiguous().cpu() for t in _unkey(top.keys))  # (d_sae, k)
+    stats = feature_stats(sums.totals, sums.counts, values[:, 0], n_tokens)
     return MAEResult(values, rows, stats, {f: torch.cat(v) for f, v in index.items()}, n_tokens)
 
 

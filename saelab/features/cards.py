@@ -67,7 +67,7 @@ class FeatureExplorer:
     def __post_init__(self):
         self.device = str(device_of(self.sae)) if self.device is None else self.device
 
-    def _sae_on_device(self) -> SAE:
+    def sae_on_device(self) -> SAE:
         """The SAE on `device`: itself, or a copy made once (the caller's SAE is never moved)."""
         if self._encoder[0] is not self.sae:
             self._encoder = (self.sae, module_on(self.sae, self.device))
@@ -85,7 +85,7 @@ class FeatureExplorer:
             self._cache.clear()  # keep one context's activations: examples come one context at a time
             self._cache[(context, "x")] = read_rows(self.store, rows)
         with torch.no_grad():
-            acts = self._sae_on_device().encode(self._cache[(context, "x")].to(self.device))[:, feature]
+            acts = self.sae_on_device().encode(self._cache[(context, "x")].to(self.device))[:, feature]
         return dict(zip(index["position"][rows].tolist(), acts.cpu().tolist(), strict=True))
 
     def examples(self, feature: int) -> pd.DataFrame:

@@ -28,7 +28,7 @@ import torch
 from tqdm import tqdm  # text bars: a saved notebook keeps their last line
 
 from saelab import plots
-from saelab.features.analysis import logit_attribution, top_logit_tokens
+from saelab.features.analysis import RunningTopK, logit_attribution, top_logit_tokens
 from saelab.features.cards import FeatureExplorer
 from saelab.tables import number
 
@@ -76,34 +76,6 @@ def _windows(h: torch.Tensor, local: torch.Tensor, context: torch.Tensor, positi
     return torch.where(same, values, torch.nan)
 
 
-def _chunks(context: torch.Tensor, chunk_rows: int):
-    """(start, end) row ranges of at least chunk_rows rows (but the last) that never split a context."""
-    n = len(context)
-    ends = torch.cat([(context[1:] != context[:-1]).nonzero().squeeze(1) + 1, torch.tensor([n])])  # (contexts,)
-    start = 0
-    while start < n:
-        end = start + chunk_rows
-        end = n if end >= n else int(ends[torch.searchsorted(ends, end)])  # the first context end >= end
-        yield start, end
-        start = end
-
-
-class _Sample:
-    """Running uniform sample of each feature's firing rows (largest hash first), with windows."""
-
-    def __init__(self, size: int, n: int, width: int, device: torch.device):
-        self.keys = torch.full((size, n), -1, dtype=torch.int64, device=device)
-        self.values = torch.zeros(size, n, device=device)
-        self.windows = torch.full((size, n, width), torch.nan, device=device)
-
-    def update(self, keys: torch.Tensor, values: torch.Tensor, windows: torch.Tensor) -> None:
-        cat_keys = torch.cat([self.keys, keys])
-        keep = cat_keys.topk(self.keys.shape[0], dim=0).indices  # (size, N)
-        self.keys, self.values = cat_keys.gather(0, keep), torch.cat([self.values, values]).gather(0, keep)
-        width = self.windows.shape[2]
-        self.windows = torch.cat([self.windows, windows]).gather(0, keep[..., None].expand(-1, -1, width))
-
-
 @torch.no_grad()
 def dashboard_pass(explorer: FeatureExplorer, features: list[int], *, bins: int = 40, sample: int = 32,
                    chunk_rows: int = 4096, exclude_token_ids: set[int] | None = None,
@@ -111,9 +83,10 @@ def dashboard_pass(explorer: FeatureExplorer, features: list[int], *, bins: int 
     """One streaming pass over explorer.store for `features`: histograms, a uniform sample of firing
     rows and the context windows of sampled and top examples (see the module docstring).
 
-    Encodes on explorer.device (moving explorer.sae there, in place). bins: histogram bins over
-    [0, max]; sample: rows kept per feature (all of them when it fires less often); chunk_rows:
-    rows encoded at once. exclude_token_ids as in `analysis.max_activating` (pass the same ones).
+    Encodes on explorer.device (the explorer's SAE, or a copy of it there: the caller's SAE is not
+    moved). bins: histogram bins over [0, max]; sample: rows kept per feature (all of them when it
+    fires less often); chunk_rows: rows encoded at once. exclude_token_ids as in
+    `analysis.max_activating` (pass the same ones).
     """
     if not features or len(set(features)) != len(features):
         raise ValueError(f"features={features!r}: give one or more distinct feature ids")
@@ -124,39 +97,35 @@ def dashboard_pass(explorer: FeatureExplorer, features: list[int], *, bins: int 
     if explorer.store.n_rows >= _LOW:
         raise ValueError(f"{explorer.store.n_rows} rows exceed the 2^32 rows a sample key can number; split the store")
     device, mae = torch.device(explorer.device), explorer.mae
-    sae = explorer.sae.to(device).eval()
+    sae = explorer.sae_on_device()
     feats = torch.tensor(features, device=device)
     n, width = len(features), sum(explorer.window) + 1
     maxes = mae.values[features, 0].to(device)  # (N,) from the MAE pass
     counts = torch.zeros(n * bins, dtype=torch.int64, device=device)
     top_rows = mae.rows[features].to(device)  # (N, k)
     top_windows = torch.full((*top_rows.shape, width), torch.nan, device=device)  # (N, k, W)
-    running = _Sample(sample, n, width, device)
-    excluded, first_row = torch.tensor(sorted(exclude_token_ids or []), dtype=torch.int64), 0
-    for shard in tqdm(explorer.store.iter_shards(), total=len(explorer.store.shard_paths()), desc="dashboards",
-                      disable=not progress):
-        keep = ~torch.isin(shard["token_id"], excluded)
-        for start, end in _chunks(shard["context"], chunk_rows):
-            h = sae.encode(shard["activations"][start:end].to(device, torch.float32))[:, feats]  # (R, N)
-            h[~keep[start:end].to(device)] = 0.0
-            context, position = (shard[f][start:end].to(device) for f in ("context", "position"))
-            fired = h > 0
-            bin_of = (h / maxes.clamp_min(1e-30) * bins).long().clamp_(0, bins - 1)  # (R, N)
-            counts += torch.bincount((bin_of + torch.arange(n, device=device) * bins)[fired], minlength=n * bins)
-            rows = torch.arange(first_row, first_row + len(h), device=device)
-            keys = torch.where(fired, (hash_rows(rows, feats) << 32) | rows[:, None], -1)
-            top = keys.topk(min(sample, len(h)), dim=0)  # (s, N)
-            running.update(top.values, h.gather(0, top.indices), _windows(h, top.indices, context, position,
-                                                                          explorer.window))
-            local = top_rows - first_row  # (N, k): the MAE top examples that lie in this chunk
-            here = (top_rows >= 0) & (local >= 0) & (local < len(h))
-            found = _windows(h, local.clamp(0, len(h) - 1).t(), context, position, explorer.window)  # (k, N, W)
-            top_windows = torch.where(here[..., None], found.transpose(0, 1), top_windows)
-            first_row += len(h)
+    running = RunningTopK(sample, n, device, values=((), 0.0), windows=((width,), torch.nan))
+    excluded = torch.tensor(sorted(exclude_token_ids or []), dtype=torch.int64)
+    for chunk in explorer.store.chunks(chunk_rows, device, whole_contexts=True, progress=progress, desc="dashboards"):
+        h = sae.encode(chunk.activations)[:, feats]  # (R, N)
+        h[torch.isin(chunk.index["token_id"], excluded).to(device)] = 0.0  # excluded tokens never fire
+        context, position = (chunk.index[f].to(device) for f in ("context", "position"))
+        fired = h > 0
+        bin_of = (h / maxes.clamp_min(1e-30) * bins).long().clamp_(0, bins - 1)  # (R, N)
+        counts += torch.bincount((bin_of + torch.arange(n, device=device) * bins)[fired], minlength=n * bins)
+        rows = torch.arange(chunk.first_row, chunk.first_row + len(h), device=device)
+        keys = torch.where(fired, (hash_rows(rows, feats) << 32) | rows[:, None], -1)
+        running.update(keys, lambda best, h=h, context=context, position=position: {
+            "values": h.gather(0, best), "windows": _windows(h, best, context, position, explorer.window)})
+        local = top_rows - chunk.first_row  # (N, k): the MAE top examples that lie in this chunk
+        here = (top_rows >= 0) & (local >= 0) & (local < len(h))
+        found = _windows(h, local.clamp(0, len(h) - 1).t(), context, position, explorer.window)  # (k, N, W)
+        top_windows = torch.where(here[..., None], found.transpose(0, 1), top_windows)
     rows = torch.where(running.keys >= 0, running.keys & _LOW, -1)
     edges = torch.stack([torch.linspace(0, float(m), bins + 1) for m in maxes.cpu()])
-    return DashboardData(list(features), counts.view(n, bins).cpu(), edges, rows.t().cpu(), running.values.t().cpu(),
-                         running.windows.transpose(0, 1).cpu(), top_windows.cpu(), explorer.window)
+    return DashboardData(list(features), counts.view(n, bins).cpu(), edges, rows.t().cpu(),
+                         running.payloads["values"].t().cpu(), running.payloads["windows"].transpose(0, 1).cpu(),
+                         top_windows.cpu(), explorer.window)
 
 
 def quantile_values(histogram: torch.Tensor, edges: torch.Tensor, qs) -> list[float]:
