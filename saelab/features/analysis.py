@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from tqdm import tqdm  # text bars: a saved notebook keeps their last line (tqdm.auto widgets stay at "0%")
 
 from saelab import paths
 from saelab.config import LM_SETTINGS, Profile
@@ -127,7 +126,8 @@ class _Sums:
     @classmethod
     def zeros(cls, d_sae: int, device: torch.device) -> _Sums:
         return cls(torch.zeros(d_sae, dtype=accumulator_dtype(device), device=device),
-                   torch.zeros(d_sae, dtype=torch.int64, device=device), torch.ones((), dtype=torch.bool, device=device))
+                   torch.zeros(d_sae, dtype=torch.int64, device=device),
+                   torch.ones((), dtype=torch.bool, device=device))
 
 
 @torch.no_grad()
@@ -191,6 +191,38 @@ def top_features(stats: pd.DataFrame, by: str = "total_activation", n: int = 20)
     if by not in stats.columns:
         raise ValueError(f"unknown column {by!r}; choose one of {list(stats.columns)}")
     return stats.sort_values([by, "feature"], ascending=[False, True], kind="stable").head(n)
+
+
+SPARSE_BAND = (1e-3, 0.05)  # "sparse": fires on 0.1% to 5% of tokens (dense latents fire on > 10%)
+
+
+def specific_features(mae: MAEResult, n: int = 12, *, band: tuple[float, float] = SPARSE_BAND,
+                      one_per_token: bool = True) -> pd.DataFrame:
+    """Features worth showing: sparse and specific, where `top_features` by total activation (the seed's
+    ranking) surfaces dense latents that fire on most tokens.
+
+    Rule: a feature qualifies when its firing frequency lies in `band` (default 0.1%-5% of tokens) and it
+    fired at least as often as the examples kept per feature (so its purity is over a full set); qualified
+    features rank by token purity of their top examples (`token_purity`: share with the most common token),
+    then by max activation, then by id. one_per_token: only the best feature for each most common token,
+    so the list is not twelve variants of one token. Returns the `mae.stats` rows of at most n features,
+    in rank order, with columns top_token_id and token_purity added (fewer rows when few qualify).
+    """
+    low, high = band
+    if not 0 <= low < high <= 1:
+        raise ValueError(f"band={band!r}: a (low, high) range of firing frequencies with 0 <= low < high <= 1")
+    k = mae.rows.shape[1]
+    stats = mae.stats
+    qualified = stats.index[(stats["frequency"] >= low) & (stats["frequency"] <= high) & (stats["n_active"] >= k)]
+    if len(qualified) == 0:
+        return stats.iloc[:0].assign(top_token_id=pd.Series(dtype="int64"), token_purity=pd.Series(dtype=float))
+    alignment = text_alignment(mae, qualified.tolist())
+    table = stats.loc[qualified].assign(top_token_id=alignment["top_token_id"], token_purity=alignment["token_purity"])
+    table = table.sort_values(["token_purity", "max_activation", "feature"], ascending=[False, False, True],
+                              kind="stable")
+    if one_per_token:
+        table = table[~table["top_token_id"].duplicated()]
+    return table.head(n)
 
 
 def load_sae(profile: Profile, device: str | torch.device = "cpu") -> SAE:
@@ -260,16 +292,47 @@ def logit_attribution(sae: SAE, unembed: torch.Tensor, feature: int, *, center: 
     return logits - logits.mean()
 
 
+def _byte_of_char() -> dict[str, int]:
+    """GPT-2's byte-level BPE alphabet (Radford et al. 2019, `bytes_to_unicode`): each byte is one printable
+    character in a token's vocabulary string; inverted here, character -> byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+_BYTES = _byte_of_char()
+
+
+def token_text(tokenizer, token_id: int) -> str:
+    """A token as a reader can read it: its decoded text, or, for a byte-level token that is only part of
+    a UTF-8 character (decode gives '\ufffd'), its bytes escaped, e.g. ' \\xe2\\x80'."""
+    text = tokenizer.decode([int(token_id)])
+    if "\ufffd" not in text or not hasattr(tokenizer, "convert_ids_to_tokens"):
+        return text
+    piece = tokenizer.convert_ids_to_tokens([int(token_id)])[0]
+    if not isinstance(piece, str) or any(c not in _BYTES for c in piece):
+        return text
+    raw = bytes(_BYTES[c] for c in piece)
+    return raw.decode("utf-8", errors="backslashreplace")
+
+
 def top_logit_tokens(logits: torch.Tensor, tokenizer, n: int = 10) -> pd.DataFrame:
     """The n most promoted and n most suppressed tokens of a (d_vocab,) `logits` vector (as
     `logit_attribution`): a DataFrame of 2n rows, promoted first (largest logit first), then
     suppressed (most negative first), equal logits by token id; columns token_id, token
-    (tokenizer.decode), logit, effect. The same on every device (a stable sort on the CPU, not topk)."""
+    (`token_text`: partial UTF-8 bytes escaped), logit, effect. The same on every device (a stable
+    sort on the CPU, not topk)."""
     n = min(n, len(logits))
     logits = logits.detach().float().cpu()
     up, down = logits.sort(descending=True, stable=True), (-logits).sort(descending=True, stable=True)
     ids = torch.cat([up.indices[:n], down.indices[:n]]).tolist()
-    return pd.DataFrame({"token_id": ids, "token": [tokenizer.decode([i]) for i in ids],
+    return pd.DataFrame({"token_id": ids, "token": [token_text(tokenizer, i) for i in ids],
                          "logit": torch.cat([up.values[:n], -down.values[:n]]).tolist(),
                          "effect": ["promoted"] * n + ["suppressed"] * n})
 
@@ -321,7 +384,7 @@ def text_alignment(mae: MAEResult, features, tokenizer=None) -> pd.DataFrame:
                           "position_spread": position_spread(rows, mae.index["position"]).numpy(),
                           "examples": (rows >= 0).sum(1).numpy()}, index=pd.Index(features.tolist(), name="feature"))
     if tokenizer is not None:
-        frame.insert(1, "top_token", [tokenizer.decode([t]) if t >= 0 else "" for t in top_token])
+        frame.insert(1, "top_token", [token_text(tokenizer, t) if t >= 0 else "" for t in top_token])
     return frame
 
 
