@@ -21,7 +21,7 @@ from pathlib import Path
 
 from saelab import paths
 from saelab.config import load_profile
-from saelab.plots import FIGURES_LOG, NO_PNG_HINT
+from saelab.plots import FIGURES_LOG, png_hint
 
 
 def run_notebooks(notebooks: list[Path], timeout_s: int = 24 * 3600) -> Path:
@@ -76,7 +76,7 @@ def figures_summary(profile) -> str:
                      + (f" ({png['removed stale']} stale PNGs removed)" if png["removed stale"] else ""))
         reasons = sorted({e["reason"] for e in without if e.get("reason")})
         if reasons:
-            lines.append(f"  no PNG because {'; '.join(reasons)}. {NO_PNG_HINT}")
+            lines.append(f"  no PNG because {'; '.join(reasons)}. {png_hint()}")
     return "\n".join(lines)
 
 
