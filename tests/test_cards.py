@@ -113,3 +113,13 @@ def test_examples_table_prints_each_context_in_a_terminal_and_highlights_it_in_a
     assert table._repr_html_().count("border:2px") == 2
     with pytest.raises(ValueError, match="out of range"):
         explorer.table(6)
+
+
+def test_card_svg_shows_each_top_example_in_context(tmp_path):
+    import xml.etree.ElementTree as ET
+
+    explorer = build(tmp_path, [[1, 2, 3, 2], [4, 2, 1, 5]])
+    svg = explorer.svg(2, note="ranked by token purity")
+    texts = [t.text for t in ET.fromstring(svg).iter("{http://www.w3.org/2000/svg}text")]
+    assert "Feature 2: top 2 examples in context" in texts and any("ranked by token purity" in t for t in texts)
+    assert svg.count("stroke='#d62728'") == 2 and texts.count(" b") == 3  # " b c« b»" and " a« b» c"

@@ -152,17 +152,37 @@ class FeatureExplorer:
         frame.index.name = "rank"
         return frame
 
+    def lines(self, feature: int) -> list[tuple[list[str], list[float | None], int, float, str]]:
+        """Per top example: (tokens of its window, the feature's activation at each (None: not in the store),
+        index of the example's token, its activation, 'ctx C:P'), strongest first."""
+        out = []
+        for ex in self.examples(feature).itertuples():
+            span, tokens = self.span(ex.context, ex.position, ex.token_id)
+            acts = self._context_activations(ex.context, feature)
+            out.append((tokens, [acts.get(p) for p in span], ex.position - span.start, ex.activation,
+                        f"ctx {ex.context}:{ex.position}"))
+        return out
+
     def highlight(self, feature: int) -> str:
         """An HTML string: one line per top example (`example_html`), its window of tokens shaded by the
         feature's activation there (scaled by the feature's max), the example's token boxed. Raises
         ValueError when the token data no longer matches the store (notebook 01 rerun after 02)."""
-        lines, scale = [], float(self.mae.values[feature, 0])
-        for ex in self.examples(feature).itertuples():
-            span, tokens = self.span(ex.context, ex.position, ex.token_id)
-            acts = self._context_activations(ex.context, feature)
-            lines.append(example_html(tokens, [acts.get(p) for p in span], scale, ex.position - span.start,
-                                      ex.activation, f"ctx {ex.context}:{ex.position}"))
+        scale = float(self.mae.values[feature, 0])
+        lines = [example_html(tokens, acts, scale, mark, value, where)
+                 for tokens, acts, mark, value, where in self.lines(feature)]
         return "\n".join(lines) or "<div><i>never active on this sample</i></div>"
+
+    def svg(self, feature: int, note: str = "") -> str:
+        """The feature's card as a standalone SVG image (`plots.feature_card_svg`): statistics, then each top
+        example in context, shaded; `note` (e.g. how the feature was chosen) joins the statistics line."""
+        row = self.mae.stats.loc[feature]
+        subtitle = (f"fires on {tables.number(100 * row['frequency'])}% of tokens, max activation "
+                    f"{tables.number(row['max_activation'])}" + (f"; {note}" if note else ""))
+        return plots.feature_card_svg(f"Feature {feature}: top {len(self.examples(feature))} examples in context",
+                                      subtitle, [line[:4] for line in self.lines(feature)],
+                                      float(self.mae.values[feature, 0]),
+                                      plots.caption("shade = activation / max, boxed = the example's token",
+                                                    self.profile, self.device))
 
     def table(self, feature: int) -> Examples:
         """The feature's top examples with their context: a table in a terminal, highlighted in a notebook."""

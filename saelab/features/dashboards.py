@@ -34,6 +34,7 @@ from saelab.tables import number
 
 _LOW = (1 << 32) - 1  # low 32 bits of a sample key hold the store row
 _M31 = (1 << 31) - 1
+TOP_EXAMPLES = 10  # top examples a dashboard shows (sae_vis shows 10 or more); run max_activating with k >= this
 QUANTILE_BANDS = ((0.75, 1.0), (0.5, 0.75), (0.25, 0.5), (0.0, 0.25))  # shares of a feature's firings
 BAND_COLOURS = ("#d62728", "#ff7f0e", "#2ca02c", "#1f77b4")  # one per band, in the histogram and headings
 
