@@ -506,7 +506,8 @@ def feature_card_svg(title: str, subtitle: str, examples: list[tuple[list[str], 
 
     examples: (tokens, activations (None = not captured), index of the example's token, activation) each."""
     line_h, top = 24, 70
-    height = top + line_h * max(len(examples), 1) + 36
+    notes = caption.split(" · ")  # the origin, then the offline note, on lines of their own
+    height = top + line_h * max(len(examples), 1) + 12 + 16 * len(notes)
     parts = [f"<rect width='{width}' height='{height}' fill='white'/>",
              _svg_text(12, 24, title, 17, font_weight="bold"), _svg_text(12, 46, subtitle, 12, fill="#444")]
     for i, (tokens, acts, mark, value) in enumerate(examples):
@@ -514,7 +515,7 @@ def feature_card_svg(title: str, subtitle: str, examples: list[tuple[list[str], 
         parts.append(_svg_text(12, y + 15, f"{value:.3g}", 11, fill="#555", font_family="monospace"))
         x = 70.0
         for j, (token, act) in enumerate(zip(tokens, acts, strict=True)):
-            text = token.replace("\n", "↵")
+            text = token.replace("\n", "↵").replace(" ", "\u00a0")  # no-break spaces: SVG collapses spaces
             w = _CHAR_PX * len(text)
             if x + w > width - 12:
                 parts.append(_svg_text(x, y + 15, "…", 12, fill="#999", font_family="monospace"))
@@ -525,11 +526,11 @@ def feature_card_svg(title: str, subtitle: str, examples: list[tuple[list[str], 
             if j == mark:
                 parts.append(f"<rect x='{x:.1f}' y='{y:.1f}' width='{w:.1f}' height='20' fill='none' "
                              "stroke='#d62728' stroke-width='2'/>")
-            parts.append(_svg_text(x, y + 15, text, 12, font_family="monospace", xml_space="preserve",
-                                   fill="#999" if act is None else "#222",
+            parts.append(_svg_text(x, y + 15, text, 12, font_family="monospace", fill="#999" if act is None else "#222",
                                    font_weight="bold" if j == mark else "normal"))
             x += w
-    parts.append(_svg_text(12, height - 12, caption, 11, fill="#666"))
+    for i, note in enumerate(notes):
+        parts.append(_svg_text(12, height - 12 - 16 * (len(notes) - 1 - i), note, 11, fill="#666"))
     return (f"<svg xmlns='http://www.w3.org/2000/svg' width='{width}' height='{height}' "
             f"viewBox='0 0 {width} {height}' font-family='sans-serif' role='img' aria-label='{html.escape(title)}'>"
             + "".join(parts) + "</svg>\n")

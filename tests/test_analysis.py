@@ -254,8 +254,8 @@ def test_notebook_04_analyses_a_folder_saelens_wrote(tiny, tmp_path, monkeypatch
     NotebookClient(notebook, timeout=600, kernel_name="python3",
                    resources={"metadata": {"path": str(ROOT / "notebooks")}}).execute()
     figures = paths.figures_dir(profile)
-    assert len(list((figures / "dashboards").glob("feature_*.html"))) == 3
-    assert "SAE saelens_sae" in (figures / "04_top_features.html").read_text()  # titles name the SAE analysed
+    assert (figures / "dashboards" / "index.html").is_file() and (figures / "04_feature_card.svg").is_file()
+    assert "SAE saelens_sae" in (figures / "04_feature_density.html").read_text()  # titles name the SAE analysed
     assert not paths.sae_dir(profile).exists()  # no notebook-03 SAE was needed
 
 
@@ -338,3 +338,11 @@ def test_specific_features_rank_sparse_single_token_features_first():
     assert specific_features(mae, n=10, one_per_token=False).index.tolist() == [2, 3, 1]
     with pytest.raises(ValueError, match="band"):
         specific_features(mae, band=(0.5, 0.1))
+
+
+def test_load_sae_before_notebook_03_says_to_run_it(tmp_path):
+    from saelab.config import OFFLINE
+    from saelab.features.analysis import load_sae
+
+    with pytest.raises(FileNotFoundError, match="run notebook 03_train first"):
+        load_sae(OFFLINE)

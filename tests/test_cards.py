@@ -122,4 +122,4 @@ def test_card_svg_shows_each_top_example_in_context(tmp_path):
     svg = explorer.svg(2, note="ranked by token purity")
     texts = [t.text for t in ET.fromstring(svg).iter("{http://www.w3.org/2000/svg}text")]
     assert "Feature 2: top 2 examples in context" in texts and any("ranked by token purity" in t for t in texts)
-    assert svg.count("stroke='#d62728'") == 2 and texts.count(" b") == 3  # " b c« b»" and " a« b» c"
+    assert svg.count("stroke='#d62728'") == 2 and texts.count("\u00a0b") == 3  # " b c« b»" and " a« b» c"

@@ -271,6 +271,6 @@ def test_feature_card_svg_is_valid_xml_with_every_example_and_its_token_boxed():
     svg = plots.feature_card_svg("Feature 7", "fires on 1% of tokens", examples, 2.0, "offline profile")
     root = ET.fromstring(svg)  # well-formed: a "<b>" token is escaped
     texts = [t.text for t in root.iter("{http://www.w3.org/2000/svg}text")]
-    assert {"Feature 7", "<b>", "↵", " c", "offline profile"} <= set(texts)
+    assert {"Feature 7", "<b>", "↵", "\u00a0c", "offline profile"} <= set(texts)  # spaces kept as no-break spaces
     assert svg.count("stroke='#d62728'") == 2  # one boxed token per example
     assert "fill-opacity='0.25'" in svg and "fill-opacity='1.00'" in svg  # shade = activation / scale

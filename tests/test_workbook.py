@@ -72,3 +72,21 @@ def test_the_readme_check_names_each_number_it_does_not_quote(tmp_path):
     assert check_readme(OFFLINE, readme) == []
     record(OFFLINE, "02_zero_ablation", "+5.65 nats")  # a rerun of the notebook measured another number
     assert check_readme(OFFLINE, readme) == ["02_zero_ablation: '+5.65 nats'"]
+
+
+def test_the_readme_quotes_the_committed_offline_numbers():
+    """figures/offline/summary.json is written by `make workbook` beside the committed figures: the README's
+    offline numbers must be the ones it holds."""
+    from pathlib import Path
+
+    from saelab.workbook import SUMMARY
+
+    root = Path(__file__).resolve().parent.parent
+    summary = root / "figures" / "offline" / SUMMARY
+    if not summary.is_file():
+        import pytest
+
+        pytest.skip(f"no {summary}: the committed figures predate it; run make workbook")
+    readme = (root / "README.md").read_text()
+    stale = [f"{name}: {text!r}" for name, text in json.loads(summary.read_text()).items() if text not in readme]
+    assert not stale, f"README.md does not quote these numbers of {summary} (rerun make workbook, update it): {stale}"

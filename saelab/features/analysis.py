@@ -240,6 +240,9 @@ def load_sae(profile: Profile, device: str | torch.device = "cpu") -> SAE:
     if profile.sae_path and not folder.is_dir():
         raise FileNotFoundError(f"sae_path={profile.sae_path!r} is not a folder: give a SAELens-format SAE folder "
                                 f"({CFG_FILENAME} + {WEIGHTS_FILENAME}), e.g. one written by SAELens' save_model")
+    if not profile.sae_path and not (folder / CFG_FILENAME).is_file():
+        raise FileNotFoundError(f"no SAE at {folder} ({CFG_FILENAME} is missing): run notebook 03_train first, "
+                                "or set sae_path in the profile to a SAELens-format SAE folder")
     sae = SAE.load(folder, device=device)  # refuses cfg.json settings it cannot apply (normalize_activations, ...)
     if sae.d_in != profile.d_in:
         raise ValueError(f"{folder} holds an SAE with d_in={sae.d_in}, but profile {profile.name!r} captures "
