@@ -3,7 +3,7 @@
     saelab.top_examples(55, "runs/offline")               # a run folder (notebook 03's SAE, its held-out store)
     saelab.top_examples(55, "runs/offline/sae/topk")      # any SAE folder (cfg.json + sae_weights.safetensors)
     saelab.top_examples(55, "offline")                    # a profile name (or a Profile)
-    card = saelab.feature_card(55, saelab.explore("runs/offline"))  # the whole card
+    card = saelab.feature_card(55, saelab.explore("runs/offline", logits=True))  # the whole card
 
 An `Examples` table: the examples with their context text in a terminal, highlighted in a notebook.
 This module sits above the stages (it needs the tokens of notebook 01, the store of 02, the SAE of 03
@@ -17,8 +17,9 @@ from pathlib import Path
 from saelab import paths
 from saelab.config import PROFILES, Profile, load_profile
 from saelab.data.capture import open_store
+from saelab.data.lm import load_lm
 from saelab.data.tokens import load_tokenizer, load_tokens
-from saelab.features.analysis import load_sae, max_activating
+from saelab.features.analysis import load_sae, max_activating, unembedding
 from saelab.features.cards import Examples, FeatureExplorer
 from saelab.sae import CFG_FILENAME, SAE
 from saelab.store import ActivationStore
@@ -58,7 +59,7 @@ def _resolve(sae, profile: Profile | str | None) -> tuple[SAE, Profile]:
 
 
 def explore(sae=None, store: ActivationStore | str | Path | None = None, *, profile: Profile | str | None = None,
-            k: int = 10, device: str | None = None, progress: bool = False) -> FeatureExplorer:
+            k: int = 10, device: str | None = None, logits: bool = False, progress: bool = False) -> FeatureExplorer:
     """A `FeatureExplorer` (for `feature_card`, `.table`, the dashboards) from one SAE and one store.
 
     sae: an `SAE`, an SAE folder, a run folder runs/<profile>, a profile name or `Profile`; None = the
@@ -66,6 +67,8 @@ def explore(sae=None, store: ActivationStore | str | Path | None = None, *, prof
         the current one) says which tokens and store go with it.
     store: an `ActivationStore` or its folder; None = the profile's held-out ("mae") store of notebook 02.
     k: top examples kept per feature (one streaming pass over the store, `analysis.max_activating`).
+    logits: also load the profile's language model for the cards' logit tables (offline: notebook 02's model,
+        trained first if it is missing, ~90 s; gpt2: from the hub or its cache).
     """
     sae, chosen = _resolve(sae, profile)
     if store is None:
@@ -74,7 +77,10 @@ def explore(sae=None, store: ActivationStore | str | Path | None = None, *, prof
         store = ActivationStore(store)
     split = store.metadata.get("split", SPLIT)
     mae = max_activating(sae, store, k, device=device, progress=progress)
-    return FeatureExplorer(mae, sae, store, load_tokens(chosen, split), load_tokenizer(chosen), chosen, device=device)
+    tokenizer = load_tokenizer(chosen)
+    unembed = unembedding(load_lm(chosen, device, tokenizer=tokenizer, progress=progress)) if logits else None
+    return FeatureExplorer(mae, sae, store, load_tokens(chosen, split), tokenizer, chosen, unembed=unembed,
+                           device=device)
 
 
 def top_examples(feature: int, sae=None, store: ActivationStore | str | Path | None = None, *,

@@ -314,15 +314,16 @@ _BYTES = _byte_of_char()
 
 def token_text(tokenizer, token_id: int) -> str:
     """A token as a reader can read it: its decoded text, or, for a byte-level token that is only part of
-    a UTF-8 character (decode gives '\ufffd'), its bytes escaped, e.g. ' \\xe2\\x80'."""
+    a UTF-8 character (decode gives U+FFFD), the bytes that do not decode written as <0xE2> (the notation
+    of byte-fallback vocabularies), e.g. ' <0xE2><0x80>'."""
     text = tokenizer.decode([int(token_id)])
     if "\ufffd" not in text or not hasattr(tokenizer, "convert_ids_to_tokens"):
         return text
     piece = tokenizer.convert_ids_to_tokens([int(token_id)])[0]
     if not isinstance(piece, str) or any(c not in _BYTES for c in piece):
         return text
-    raw = bytes(_BYTES[c] for c in piece)
-    return raw.decode("utf-8", errors="backslashreplace")
+    text = bytes(_BYTES[c] for c in piece).decode("utf-8", errors="surrogateescape")  # bad byte b -> U+DC00 + b
+    return "".join(f"<0x{ord(c) - 0xDC00:02X}>" if 0xDC80 <= ord(c) <= 0xDCFF else c for c in text)
 
 
 def top_logit_tokens(logits: torch.Tensor, tokenizer, n: int = 10) -> pd.DataFrame:

@@ -1,7 +1,8 @@
 """Feature cards: one feature's statistics, highlighted examples and logit attribution together.
 
     explorer = FeatureExplorer(mae, sae, store, contexts, tokenizer, profile, unembed=unembedding(lm))
-    saelab.feature_card(1234, explorer)      # renders in a notebook (`_repr_html_`)
+    saelab.feature_card(1234, explorer)      # renders in a notebook (`_repr_html_`), prints in a terminal
+    saelab.feature_card(1234, saelab.explore("runs/offline"))  # the same, the explorer built in one call
 
 Contexts are rebuilt from the token rows the store was captured from: the store index gives each
 row's context (a row of `saelab.data.tokens.load_tokens(profile, "mae")`) and position in it. Every token
@@ -77,7 +78,8 @@ def logit_html(table: pd.DataFrame | None) -> str:
 @dataclass
 class FeatureExplorer:
     """What a feature card (and a dashboard) needs: the MAE pass, the SAE, its store and the token
-    rows behind it. The explorer only reads them; encoding moves `sae` to `device` (in place).
+    rows behind it. The explorer only reads them; it encodes on `device` with the SAE or a copy of it
+    there (`sae_on_device`), never moving the caller's SAE.
 
     mae: `analysis.max_activating(sae, store, k)`. contexts: `load_tokens(profile, split)` of the
     split the store was captured from. unembed: `analysis.unembedding(lm)`; None = no logit tables.

@@ -1,10 +1,12 @@
 """Feature dashboards: one static HTML page per feature and an index to browse them (notebook 04).
 
-    features = analysis.top_features(mae.stats, n=profile.dashboard_features).index.tolist()
-    index = dashboards.write_dashboards(explorer, features, paths.figures_dir(profile) / "dashboards")
+    features = analysis.specific_features(mae, profile.dashboard_features).index.tolist()
+    index = dashboards.write_dashboards(explorer, features, paths.figures_dir(profile) / "dashboards",
+                                        ranking="token purity among sparse features")
 
-A page holds the feature's statistics, its activation histogram, examples from several activation
-quantiles (not only the top ones) with their contexts shaded token by token under a legend, the
+A page holds the feature's statistics, its activation histogram, its top examples (all that the MAE pass
+kept: run it with k >= TOP_EXAMPLES) and examples from each activation quartile, strongest first, with
+their contexts shaded token by token under a legend (`cards.example_html`), the
 tokens its decoder direction promotes and suppresses, and its nearest features by decoder cosine
 (after the sae_vis / Neuronpedia dashboards). Pages are self-contained (inline CSS and SVG, no
 script, no link off the folder): they open from file:// with no network.
