@@ -280,9 +280,13 @@ def density_histogram(frequency: np.ndarray, profile: Profile, device: str | Non
 
 
 def readable_axes(fig: go.Figure) -> go.Figure:
-    """Tick labels a reader of a shared figure can read: 0.0008 as 8×10⁻⁴, never plotly's SI '800μ'."""
+    """Tick labels a reader of a shared figure can read: 0.0008 as 8×10⁻⁴, never plotly's SI '800μ'; on a
+    log axis labels at powers of ten only (plotly labels 2 and 5 between them too, which crams a narrow
+    facet's axis until its labels overlap)."""
     fig.update_xaxes(exponentformat="power")
     fig.update_yaxes(exponentformat="power")
+    fig.for_each_xaxis(lambda axis: axis.update(dtick=1) if axis.type == "log" else None)
+    fig.for_each_yaxis(lambda axis: axis.update(dtick=1) if axis.type == "log" else None)
     return fig
 
 

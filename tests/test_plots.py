@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 import pytest
+from plotly.subplots import make_subplots
 
 from saelab import paths, plots
 from saelab.config import load_profile
@@ -274,3 +275,15 @@ def test_feature_card_svg_is_valid_xml_with_every_example_and_its_token_boxed():
     assert {"Feature 7", "<b>", "↵", "\u00a0c", "offline profile"} <= set(texts)  # spaces kept as no-break spaces
     assert svg.count("stroke='#d62728'") == 2  # one boxed token per example
     assert "fill-opacity='0.25'" in svg and "fill-opacity='1.00'" in svg  # shade = activation / scale
+
+
+def test_readable_axes_label_log_axes_at_powers_of_ten_only():
+    fig = make_subplots(rows=1, cols=2)
+    fig.add_trace(go.Scatter(x=[0.01, 0.1, 1], y=[1, 2, 3]), row=1, col=1)
+    fig.add_trace(go.Scatter(x=[1, 2], y=[10, 1000]), row=1, col=2)
+    fig.update_xaxes(type="log", row=1, col=1)
+    fig.update_yaxes(type="log", row=1, col=2)
+    plots.readable_axes(fig)
+    assert fig.layout.xaxis.dtick == 1 and fig.layout.yaxis2.dtick == 1  # the log axes
+    assert fig.layout.xaxis2.dtick is None and fig.layout.yaxis.dtick is None  # linear ones keep plotly's ticks
+    assert fig.layout.xaxis.exponentformat == "power"
