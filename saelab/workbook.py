@@ -114,17 +114,6 @@ def record(profile, name: str, text: str) -> Path:
     return path
 
 
-def check_readme(profile, readme: Path | None = None) -> list[str]:
-    """The headline numbers of figures/<profile>/summary.json that the README does not quote as they are:
-    one 'name: "text"' line each; [] when all match (or no summary was recorded)."""
-    readme = readme or paths.root() / "README.md"
-    path = paths.figures_dir(profile) / SUMMARY
-    if not path.is_file() or not readme.is_file():
-        return []
-    text = readme.read_text(encoding="utf-8")
-    return [f"{name}: {quoted!r}" for name, quoted in json.loads(path.read_text()).items() if quoted not in text]
-
-
 def figures_summary(profile) -> str:
     """Where this run's figures went and whether PNGs were made, from runs/<profile>/figures.log
     (one JSON line per file `plots.save_figure` / `save_html` / the dashboards wrote or kept)."""
@@ -148,6 +137,17 @@ def figures_summary(profile) -> str:
     return "\n".join(lines)
 
 
+def check_readme(summary: Path, readme: Path) -> list[str]:
+    """The headline numbers of `summary` (figures/<profile>/summary.json, see `record`) that `readme` does not
+    quote as they are (line breaks and indentation aside): one 'name: "text"' line each; [] when all match
+    or when no summary was recorded."""
+    if not Path(summary).is_file():
+        return []
+    text = " ".join(Path(readme).read_text(encoding="utf-8").split())  # a quote may wrap across lines
+    return [f"{name}: {quoted!r}" for name, quoted in json.loads(Path(summary).read_text()).items()
+            if " ".join(quoted.split()) not in text]
+
+
 def main(notebooks: list[str]) -> int:
     """`make workbook`: run the notebooks, then check the README against this run's numbers; the exit status."""
     if not notebooks:
@@ -160,10 +160,11 @@ def main(notebooks: list[str]) -> int:
     except NotebookFailed as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         return 1
-    stale = check_readme(load_profile())
+    summary = paths.figures_dir(load_profile()) / SUMMARY
+    stale = check_readme(summary, paths.root() / "README.md")
     if stale:
-        print(f"README.md does not quote {len(stale)} of this run's numbers ({paths.figures_dir(load_profile())}/"
-              f"{SUMMARY}); update it:\n  " + "\n  ".join(stale), file=sys.stderr)
+        print(f"README.md does not quote {len(stale)} of this run's numbers ({summary}); update it:\n  "
+              + "\n  ".join(stale), file=sys.stderr)
         return 1
     return 0
 
