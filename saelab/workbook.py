@@ -123,7 +123,7 @@ def figures_summary(profile) -> str:
         return f"figures: none written this run (they go to {paths.figures_dir(profile)})"
     latest = {e["file"]: e for e in entries}  # a figure saved twice counts once, as last saved
     html = Counter(e["html"] for e in latest.values())
-    lines = [f"figures: {len(latest)} HTML files in {paths.figures_dir(profile)} ({html['written']} written, "
+    lines = [f"figures: {len(latest)} pages and images in {paths.figures_dir(profile)} ({html['written']} written, "
              f"{html['kept']} unchanged up to float noise)"]
     plotly = [e for e in latest.values() if e.get("png") != "-"]
     if plotly:
@@ -140,8 +140,8 @@ def figures_summary(profile) -> str:
 def check_readme(summary: Path, readme: Path) -> list[str]:
     """The headline numbers of `summary` (figures/<profile>/summary.json, see `record`) that `readme` does not
     quote as they are (line breaks and indentation aside): one 'name: "text"' line each; [] when all match
-    or when no summary was recorded."""
-    if not Path(summary).is_file():
+    or when either file is missing."""
+    if not Path(summary).is_file() or not Path(readme).is_file():  # e.g. a SAELAB_ROOT without a README
         return []
     text = " ".join(Path(readme).read_text(encoding="utf-8").split())  # a quote may wrap across lines
     return [f"{name}: {quoted!r}" for name, quoted in json.loads(Path(summary).read_text()).items()

@@ -37,7 +37,7 @@ def test_summary_says_where_figures_went_and_why_pngs_are_missing():
              {"file": "04_d.html", "html": "written", "png": "written", "reason": None}]
     log.write_text("".join(json.dumps(line) + "\n" for line in lines))
     summary = figures_summary(OFFLINE)
-    assert f"4 HTML files in {paths.figures_dir(OFFLINE)} (3 written, 1 unchanged up to float noise)" in summary
+    assert f"4 pages and images in {paths.figures_dir(OFFLINE)} (3 written, 1 unchanged up to float noise)" in summary
     assert "PNGs: 1 written, 1 kept, 1 figures without one (1 stale PNGs removed)" in summary
     assert "no PNG because FileNotFoundError: no Chrome" in summary and "plotly_get_chrome" in summary
     assert "apt-get" not in summary  # a user may have no root
