@@ -196,7 +196,7 @@ def offline_fallback(stem: str) -> str:
             "    return Promise.resolve(div);\n  }};\n}</script>")
 
 
-def figure_html(fig: go.Figure, stem: str, plotlyjs: str | bool = "cdn") -> str:
+def figure_html(fig: go.Figure, stem: str, plotlyjs: str | bool = "directory") -> str:
     """The standalone page `save_figure` writes: numbers rounded, a fixed div id (a rerun with the same
     numbers is byte-identical) and, when plotly.js is loaded from a file, the offline fallback."""
     page = pio.to_html(round_numbers(fig.to_plotly_json()), include_plotlyjs=plotlyjs, full_html=True,
@@ -331,19 +331,6 @@ def architecture_comparison(table: pd.DataFrame, profile: Profile, device: str |
     # labels sit above each point and are ~10 characters wide: room above the highest and beside the outermost
     fig.update_xaxes(range=padded_range(table["l0"], 0.25, 0.25))
     fig.update_yaxes(range=padded_range(table["fvu"], 0.15, 0.45))
-    return readable_axes(fig)
-
-
-def top_features_bar(stats: pd.DataFrame, profile: Profile, device: str | None = None, *,
-                     by: str = "total_activation", n: int = 20) -> go.Figure:
-    """Bar chart of the n features with the largest `by` column (stats indexed by feature)."""
-    top = stats.nlargest(n, by)
-    fig = go.Figure(go.Bar(x=[f"f{i}" for i in top.index], y=top[by], marker_color="#4C78A8",
-                           customdata=top[["frequency", "max_activation"]].to_numpy(),
-                           hovertemplate="%{x}<br>%{y:.4g}<br>freq %{customdata[0]:.3g}"
-                                         "<br>max %{customdata[1]:.3g}<extra></extra>"))
-    fig.update_layout(title=figure_title(f"Top {len(top)} features by {by.replace('_', ' ')}", profile, device),
-                      xaxis_title="feature", yaxis_title=by.replace("_", " "))
     return readable_axes(fig)
 
 

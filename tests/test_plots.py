@@ -83,12 +83,8 @@ def test_highlight_escapes_text_and_marks_the_max_token():
     assert out.count("border:2px") == 1 and "rgba(255,127,14,1.00);border" in out
 
 
-def test_bar_builders_title_and_order():
+def test_logit_bars_title_and_order():
     profile = load_profile("offline")
-    stats = pd.DataFrame({"total_activation": [1.0, 5.0, 3.0], "frequency": [0.1, 0.2, 0.3],
-                          "max_activation": [1.0, 2.0, 3.0]})
-    fig = plots.top_features_bar(stats, profile, "cpu", n=2)
-    assert list(fig.data[0].x) == ["f1", "f2"] and "profile offline" in fig.layout.title.text
     table = pd.DataFrame({"token": ["a", "b"], "logit": [0.5, -0.2]})
     fig = plots.logit_attribution_bar(table, 3, profile, "cpu")
     assert list(fig.data[0].y) == ["'b'", "'a'"] and "Feature 3" in fig.layout.title.text
