@@ -280,13 +280,25 @@ def density_histogram(frequency: np.ndarray, profile: Profile, device: str | Non
 
 
 def readable_axes(fig: go.Figure) -> go.Figure:
-    """Tick labels a reader of a shared figure can read: 0.0008 as 8×10⁻⁴, never plotly's SI '800μ'; on a
-    log axis labels at powers of ten only (plotly labels 2 and 5 between them too, which crams a narrow
-    facet's axis until its labels overlap)."""
+    """Tick labels a reader of a shared figure can read: 0.0008 as 8×10⁻⁴, never plotly's SI '800μ'; and on
+    each log axis either labels at powers of ten only, when its data span a decade or more (plotly also
+    labels 2 and 5 between them, which crams a narrow facet until its labels overlap), or, on a narrower
+    one, a label at each value plotted when they are at most 6 integers (k = 2, 3, 4, not 2.5 and 3.5)."""
     fig.update_xaxes(exponentformat="power")
     fig.update_yaxes(exponentformat="power")
-    fig.for_each_xaxis(lambda axis: axis.update(dtick=1) if axis.type == "log" else None)
-    fig.for_each_yaxis(lambda axis: axis.update(dtick=1) if axis.type == "log" else None)
+    for letter in "xy":
+        for key in [k for k in fig.layout.to_plotly_json() if k.startswith(f"{letter}axis")]:
+            axis = fig.layout[key]
+            if axis.type != "log":
+                continue
+            ref = letter + key.removeprefix(f"{letter}axis")  # layout "xaxis2" is trace axis "x2"
+            data = [pd.to_numeric(pd.Series(getattr(trace, letter)), errors="coerce") for trace in fig.data
+                    if (getattr(trace, f"{letter}axis", None) or letter) == ref and getattr(trace, letter) is not None]
+            values = sorted({float(v) for column in data for v in column if v > 0})  # NaN > 0 is False
+            if values and values[-1] >= 10 * values[0]:
+                axis.update(dtick=1)
+            elif 0 < len(values) <= 6 and all(v.is_integer() for v in values):  # e.g. k of a TopK sweep
+                axis.update(tickvals=values)
     return fig
 
 

@@ -273,13 +273,18 @@ def test_feature_card_svg_is_valid_xml_with_every_example_and_its_token_boxed():
     assert "fill-opacity='0.25'" in svg and "fill-opacity='1.00'" in svg  # shade = activation / scale
 
 
-def test_readable_axes_label_log_axes_at_powers_of_ten_only():
-    fig = make_subplots(rows=1, cols=2)
-    fig.add_trace(go.Scatter(x=[0.01, 0.1, 1], y=[1, 2, 3]), row=1, col=1)
+def test_readable_axes_label_log_axes_at_powers_of_ten_or_at_each_value():
+    fig = make_subplots(rows=1, cols=3)
+    fig.add_trace(go.Scatter(x=[0.01, 0.03, 0.1, 0.3, 1], y=[1, 2, 3, 4, 5]), row=1, col=1)  # two decades
     fig.add_trace(go.Scatter(x=[1, 2], y=[10, 1000]), row=1, col=2)
+    fig.add_trace(go.Scatter(x=[2, 3, 4], y=[1, 2, 3]), row=1, col=3)  # k = 2, 3, 4 on a log axis
     fig.update_xaxes(type="log", row=1, col=1)
     fig.update_yaxes(type="log", row=1, col=2)
+    fig.update_xaxes(type="log", row=1, col=3)
     plots.readable_axes(fig)
-    assert fig.layout.xaxis.dtick == 1 and fig.layout.yaxis2.dtick == 1  # the log axes
+    assert fig.layout.xaxis.dtick == 1 and fig.layout.yaxis2.dtick == 1  # the log axes spanning decades
+    assert list(fig.layout.xaxis3.tickvals) == [2, 3, 4] and fig.layout.xaxis3.dtick is None
     assert fig.layout.xaxis2.dtick is None and fig.layout.yaxis.dtick is None  # linear ones keep plotly's ticks
+    fig = plots.readable_axes(go.Figure(go.Scatter(x=[1.5, 2.7], y=[1, 2])).update_xaxes(type="log"))
+    assert fig.layout.xaxis.tickvals is None and fig.layout.xaxis.dtick is None  # narrow, not integers: plotly's
     assert fig.layout.xaxis.exponentformat == "power"
