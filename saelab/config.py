@@ -423,11 +423,10 @@ class Profile:
 
     def banner(self, device: str | None = None) -> str:
         device = device or default_device()
+        sae = (f"the SAE in {self.sae_path} (sae_path; notebook 03 trains its own, not analysed)" if self.sae_path
+               else f"SAE {self.d_in}->{self.d_sae} ({self.sae.architecture}), {self.train.epochs} epochs")
         lines = [f"saelab profile {self.name!r} on {describe_device(device)}: {self.model_name} {self.hook}, "
-                 f"{self.n_texts:,} texts x {self.context_size} tokens, SAE {self.d_in}->{self.d_sae} "
-                 f"({self.sae.architecture}), {self.train.epochs} epochs"]
-        if self.sae_path:
-            lines.append(f"SAE analysed in notebook 04: {self.sae_path} (sae_path), not notebook 03's")
+                 f"{self.n_texts:,} texts x {self.context_size} tokens, {sae}"]
         if self.is_offline:
             lines.append(f"OFFLINE PROFILE: {self.offline_lm_description} on a locally built corpus. "
                          "Its features are NOT GPT-2 features; use it to learn the workbook and check the "

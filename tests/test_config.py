@@ -218,3 +218,10 @@ def test_dir_lists_the_public_names_without_importing_them():
 def test_an_override_may_rename_the_profile():
     profile = load_profile("gpt2", name="gpt2-local", dataset_id="/data/owt.jsonl")
     assert (profile.name, profile.dataset_id, profile.d_in) == ("gpt2-local", "/data/owt.jsonl", 768)
+
+
+def test_the_banner_names_the_sae_that_notebook_04_analyses():
+    text = OFFLINE.replace(sae_path="/data/saes/gpt2_res_l6").banner("cpu")
+    assert "the SAE in /data/saes/gpt2_res_l6 (sae_path" in text and "SAE 64->512" not in text
+    own = f"SAE 64->{OFFLINE.d_sae} ({OFFLINE.sae.architecture}), {OFFLINE.train.epochs} epochs"
+    assert own in OFFLINE.banner("cpu")
