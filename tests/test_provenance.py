@@ -1,5 +1,6 @@
 """Every artifact knows where it came from: an SAE names its store, and a stale pair is refused."""
 
+import dataclasses
 import json
 import shutil
 import warnings
@@ -16,7 +17,7 @@ from saelab.provenance import KEY, StaleSAE, check, lineage, store_id
 from saelab.sae import SAE
 from saelab.store import ActivationStore, StoreWriter
 from saelab.studies.baselines import trained_saes
-from saelab.train.loop import profile_training_options, train_profile
+from saelab.train.loop import train_profile
 
 
 def train_on_store(profile):
@@ -42,7 +43,7 @@ def test_the_saved_sae_records_its_store_and_reads_the_held_out_split_without_a_
     assert record["store"]["lineage"]["lm_config"]["d_model"] == 64  # the LM's identity
     assert record["store"]["lineage"]["tokenizer"] == store.manifest["provenance"]["tokenizer"]
     assert record["profile"] == "tiny" and record["training"]["epochs"] == 1
-    assert record["training"] == profile_training_options(profile, SAE.load(paths.sae_dir(profile)))
+    assert record["training"] == dataclasses.asdict(profile.train)
     assert record["versions"]["torch"] == torch.__version__
     assert SAE.load(paths.sae_dir(profile)).metadata[KEY] == record  # save and load keep it
     with warnings.catch_warnings():
