@@ -5,6 +5,7 @@
     python benchmarks/train.py --smoke                            # seconds: checks the script runs (make test)
     python benchmarks/train.py --trainers saelab-topk,sparsify,saelab --rounds 3   # TopK beside sparsify
     python benchmarks/train.py --trainers saelab-topk --d-sae 98304 --steps 4      # a wide dictionary
+    python benchmarks/train.py --interleaved --trainers saelab-topk,sparsify,saelab --steps 3 --rounds 10
 
 Trainers (each measured in a fresh process, so each peak memory is its own):
   saelab        `train_sae` on the seed's tied SAE, float32 (TF32 matmuls on CUDA), its step a CUDA graph on CUDA
@@ -155,27 +156,81 @@ def sparsify_runner(args, data: torch.Tensor):
     """sparsify's SparseCoder trained as its Trainer's step does (sparsify/trainer.py, 1.3): forward with the
     dead mask, fvu + auxk_alpha * AuxK, backward, gradient along decoder rows removed, Adam, rows renormalised,
     tokens since each latent fired. Its default lr for this width."""
+    def run(steps: int) -> None:
+        step = sparsify_step(args)
+        for i in range(steps):
+            step(data[i * args.batch:(i + 1) * args.batch])
+        run.sae = step.sae
+    return run
+
+
+def sparsify_step(args):
+    """One step of sparsify's Trainer on a batch x, as a function (see sparsify_runner)."""
     try:
         from sparsify import SparseCoder, SparseCoderConfig
     except ImportError as err:
         sys.exit(f"sparsify is not installed ({err}); pip install eai-sparsify (an optional benchmark dependency)")
+    sae = SparseCoder(args.d_in, SparseCoderConfig(num_latents=args.d_sae, k=args.k), device=args.device)
+    optimizer = torch.optim.Adam(sae.parameters(), lr=2e-4 / (args.d_sae / 2**14) ** 0.5)
+    since_fired = torch.zeros(args.d_sae, dtype=torch.long, device=args.device)
 
-    def run(steps: int) -> None:
-        sae = SparseCoder(args.d_in, SparseCoderConfig(num_latents=args.d_sae, k=args.k), device=args.device)
-        optimizer = torch.optim.Adam(sae.parameters(), lr=2e-4 / (args.d_sae / 2**14) ** 0.5)
-        since_fired = torch.zeros(args.d_sae, dtype=torch.long, device=args.device)
-        for i in range(steps):
-            x = data[i * args.batch:(i + 1) * args.batch]
-            out = sae(x, dead_mask=since_fired > 10_000_000)
-            (out.fvu + out.auxk_loss / 32).backward()
-            since_fired += x.shape[0]
-            since_fired[out.latent_indices.flatten()] = 0
-            sae.remove_gradient_parallel_to_decoder_directions()
-            optimizer.step()
-            optimizer.zero_grad()
-            sae.set_decoder_norm_to_unit_norm()
-        run.sae = sae
-    return run
+    def step(x: torch.Tensor) -> None:
+        out = sae(x, dead_mask=since_fired > 10_000_000)
+        (out.fvu + out.auxk_loss / 32).backward()
+        since_fired.add_(x.shape[0])
+        since_fired[out.latent_indices.flatten()] = 0
+        sae.remove_gradient_parallel_to_decoder_directions()
+        optimizer.step()
+        optimizer.zero_grad()
+        sae.set_decoder_norm_to_unit_norm()
+    step.sae = sae
+    return step
+
+
+def interleaved(args) -> None:
+    """The steps alone, in one process, taking turns: each round runs --steps steps of every trainer (order
+    alternating), so a shared CPU's drift reaches all of them alike. saelab's is its Stepper (the step
+    train_sae calls: gradients, constraint, Adam, statistics), sparsify's the step of sparsify_runner."""
+    from saelab.sae import SAE, sae_for
+    from saelab.train.step import RunningStats, Stepper, make_adam
+
+    torch.set_num_threads(args.threads)
+    device, x = torch.device(args.device), activations(args)[:args.batch]
+    steps = {}
+    for name in args.trainers.split(","):
+        if name == "sparsify":
+            steps[name] = sparsify_step(args)
+            continue
+        if name not in ("saelab",) + K_SPARSE:
+            sys.exit(f"--interleaved compares saelab, {', '.join(K_SPARSE)}; not {name}")
+        sae = (SAE(args.d_in, args.d_sae) if name == "saelab" else
+               sae_for(name.removeprefix("saelab-").removesuffix("-dense"), args.d_in, args.d_sae, k=args.k))
+        sae.sparse_backward = not name.endswith("-dense")
+        stepper = Stepper(sae.to(device), make_adam(sae, 1e-3, device), RunningStats(args.d_sae, device, 10**9), device)
+        stepper.set_lr(1e-3)
+        stepper.set_sparsity(1e-3 if name == "saelab" else 0.0)
+        steps[name] = lambda x, stepper=stepper: stepper(x, args.batch)
+    times = {name: [] for name in steps}
+    for round_ in range(args.rounds + 1):  # round 0 warms up
+        for name in steps if round_ % 2 else list(steps)[::-1]:
+            steps[name](x)
+            sync(args.device)
+            start = time.perf_counter()
+            for _ in range(args.steps):
+                steps[name](x)
+            sync(args.device)
+            if round_:
+                times[name].append(args.batch * args.steps / (time.perf_counter() - start))
+    print(f"interleaved steps, SAE {args.d_in}->{args.d_sae}, k={args.k}, batch {args.batch}, {args.rounds} rounds of "
+          f"{args.steps} steps; torch {torch.__version__}, {machine(args.device)}")
+    print("\n| trainer | tokens/s (median) | per round |\n| --- | ---: | --- |")
+    for name, values in times.items():
+        print(f"| {name} | {statistics.median(values):,.0f} | {' · '.join(f'{v:,.0f}' for v in values)} |")
+    first = next(iter(times))
+    for name in list(times)[1:]:  # the ratio round by round: both ran within the same minute
+        ratios = [a / b for a, b in zip(times[first], times[name], strict=True)]
+        print(f"\n{first} / {name}: {statistics.median(ratios):.2f}x (median of per-round ratios; "
+              f"{min(ratios):.2f}-{max(ratios):.2f})")
 
 
 @torch.no_grad()
@@ -331,6 +386,8 @@ if __name__ == "__main__":
     parser.add_argument("--json", help="also write the results table to this JSON file")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, one round: checks the script runs")
     parser.add_argument("--profile-kernels", action="store_true", help="CUDA: list the step's kernels instead")
+    parser.add_argument("--interleaved", action="store_true", help="the steps alone, taking turns in one process "
+                        "(--trainers among saelab, the k-sparse ones and sparsify; the first is the reference)")
     parser.add_argument("--worker", choices=TRAINERS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     cuda = args.device.startswith("cuda")
@@ -344,5 +401,7 @@ if __name__ == "__main__":
     args.rows = args.rows or (3 * args.steps + args.warmup + 2) * args.batch * 10 // 9 + args.held_out
     if args.profile_kernels:
         profile_kernels(args)
+    elif args.interleaved:
+        interleaved(args)
     else:
         worker(args) if args.worker else main(args)
