@@ -226,3 +226,11 @@ def test_moving_directions_never_moves_the_callers_sae():
     moved = features.to("meta")  # elsewhere: a copy there
     assert moved.sae is not sae and moved.sae.W_enc.device.type == "meta" and sae.W_enc.device.type == "cpu"
     assert features.sae is sae
+
+
+def test_no_scorable_concept_is_an_error_that_says_what_to_change(tmp_path):
+    store = write_store(tmp_path / "s", torch.randn(50, 3))
+    labels = torch.zeros(50, 3, dtype=torch.bool)
+    labels[:3] = True  # 3 positives in all: fewer than 5 on each side
+    with pytest.raises(ValueError, match="no concept has 5 positives.*smaller interp_min_positives"):
+        evaluate([basis(3)], {"s": store}, {"s": labels}, SMALL, progress=False, concepts=CONCEPTS3)

@@ -277,6 +277,10 @@ def evaluate(methods, stores: dict[str, ActivationStore], labels: dict[str, torc
     table = concept_table({"train": y_all[~split.held_out], "held_out": y_all[split.held_out]},
                           profile.interp_min_positives, concepts)
     usable = [c for c, reason in enumerate(table["skipped"]) if not reason]
+    if not usable:
+        raise ValueError(f"no concept has {profile.interp_min_positives} positives (and a negative) on both sides "
+                         f"of the split ({split.n_held_out_documents} of {split.n_documents} documents held out); "
+                         "use more documents (n_texts, mae_texts) or a smaller interp_min_positives")
     y = y_all[:, usable]
     methods = [m.to(device) for m in methods]
     chunk, seed, top = profile.interp_chunk_rows, profile.seed, profile.interp_top_examples
