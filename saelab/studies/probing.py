@@ -26,7 +26,10 @@ sums of its positives' and negatives' placements, so a resampled AUC (to first o
 variance) costs a matrix product.
 
 Memory is bounded by the chunk, the concepts and the chosen directions: per method, (concepts,
-directions) sums, then the chosen directions' activations on probe and held-out rows only.
+directions) sums, then the chosen directions' activations on probe and held-out rows only, float32 on
+the CPU: offline ~17k rows x <= 512 directions (~35 MB per SAE); gpt2 (a fifth of 20,000 documents held
+out) ~0.8M rows x <= 20 per concept (up to ~1,400 distinct, ~4 GB per SAE at worst): lower
+interp_held_out_share there if host memory is short.
 """
 
 from __future__ import annotations
