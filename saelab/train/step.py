@@ -31,12 +31,26 @@ class RunningStats:
         self.since_fired = torch.zeros(d_sae, dtype=torch.int64, device=device)
         acc = torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
         self.sums = torch.zeros(len(SUMS), dtype=acc, device=device)
+        self.one = torch.ones((), device=device)  # the rows slot of a step's terms
+        self.scales: dict[int, torch.Tensor] = {}
 
     def add(self, losses: Losses, x: torch.Tensor) -> None:
-        rows = losses.mse.new_full((), x.shape[0])  # a fill kernel: new_tensor would copy from the host
-        terms = torch.stack([losses.total, losses.mse * x.numel(), losses.sparsity, losses.aux, rows])
-        self.sums += terms.to(self.sums.dtype)
-        self.since_fired.add_(x.shape[0]).mul_(losses.mass == 0)  # latents that fired restart at 0
+        """Two small kernels for the sums (a stack, one multiply-add) and three for the counter: the loss
+        terms are accumulated as the step gives them, and what the log reads (averages, FVU, training
+        MSE) is derived from the sums at log points (saelab.train.loop), not in every step."""
+        rows = x.shape[0]
+        terms = torch.stack([losses.total, losses.mse, losses.sparsity, losses.aux, self.one])
+        self.sums.addcmul_(terms, self._scale(rows, x.shape[1]))  # [loss, sse, sparsity, aux, rows] += ...
+        self.since_fired.add_(rows).mul_(losses.mass == 0)  # latents that fired restart at 0
+
+    def _scale(self, rows: int, d_in: int) -> torch.Tensor:
+        """[1, rows d_in, 1, 1, rows]: turns a step's [total, mse, sparsity, aux, 1] into what the sums add
+        up. One per batch size, made by fill kernels on first use (before any capture: the warm-up)."""
+        if rows not in self.scales:
+            scale = torch.ones_like(self.sums)
+            scale[1], scale[4] = rows * d_in, rows
+            self.scales[rows] = scale
+        return self.scales[rows]
 
     def dead(self) -> torch.Tensor:
         """(d_sae,) bool: latents that have not fired in the last `window` training tokens."""
@@ -52,13 +66,17 @@ class RunningStats:
         return {"since_fired": self.since_fired, "sums": self.sums}
 
 
-def make_adam(sae: SAE, lr: float, device: torch.device) -> torch.optim.Optimizer:
-    """Fused Adam (one kernel for all parameters). On CUDA `capturable` with lr as a device tensor,
-    so the step can live in a graph and a schedule only refills that tensor."""
+def make_adam(sae: SAE, lr: float, device: torch.device, tensor_lr: bool | None = None) -> torch.optim.Optimizer:
+    """Fused Adam (one kernel for all parameters). With `tensor_lr` (default: on CUDA) lr is a tensor on
+    the parameters' device that a schedule refills, so no step reads a Python number and the step can live
+    in a graph (on CUDA also `capturable`). The CPU's fused Adam takes a tensor lr too: the tests run that
+    branch there."""
+    tensor_lr = device.type == "cuda" if tensor_lr is None else tensor_lr
     if device.type == "cuda":
-        return torch.optim.Adam(sae.parameters(), lr=torch.tensor(lr, device=device), fused=True, capturable=True)
+        lr_value = torch.tensor(lr, device=device) if tensor_lr else lr
+        return torch.optim.Adam(sae.parameters(), lr=lr_value, fused=True, capturable=True)
     try:
-        return torch.optim.Adam(sae.parameters(), lr=lr, fused=True)
+        return torch.optim.Adam(sae.parameters(), lr=torch.tensor(lr) if tensor_lr else lr, fused=True)
     except (RuntimeError, ValueError):  # a device or build without the fused kernel
         return torch.optim.Adam(sae.parameters(), lr=lr, foreach=True)
 
