@@ -46,7 +46,7 @@ class Profile:
     name: str  # shown in every banner, figure title and file the run writes
 
     # --- language model and hook
-    model_name: str = "gpt2"  # TransformerLens name; "offline-tiny" = small GPT-2 trained here, no download
+    model_name: str = "gpt2"  # TransformerLens name or a local GPT-2 folder; "offline-tiny" = GPT-2 trained here
     hook: str = "blocks.6.hook_resid_pre"  # seed "layer 6" = HF hidden_states[6]
     d_in: int = 768  # width of the hooked residual stream (GPT-2 small: 768)
 

@@ -39,7 +39,10 @@ def load_tokenizer(profile: Profile, directory=None):
     if not profile.is_offline:
         try:
             return AutoTokenizer.from_pretrained(profile.model_name)
-        except OSError as err:
+        except (OSError, ValueError) as err:  # ValueError: a local folder with a model and no tokenizer
+            if Path(profile.model_name).expanduser().is_dir():
+                raise DataSourceError(f"the model folder {profile.model_name} holds no tokenizer ({err}); save "
+                                      "one there with tokenizer.save_pretrained(folder)") from err
             raise DataSourceError(f"cannot load the {profile.model_name!r} tokenizer from the Hugging Face "
                                   f"hub or its cache ({err}); on a machine without the hub use "
                                   "SAELAB_PROFILE=offline") from err
