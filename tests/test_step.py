@@ -8,7 +8,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from saelab.sae import ARCHITECTURES, SAE, Losses, sae_for
 from saelab.sae.base import SAE as BaseSAE
-from saelab.train import loop
+from saelab.train import batching, loop
 from saelab.train.loop import train_sae
 from saelab.train.step import RunningStats, Stepper, make_adam
 
@@ -173,3 +173,50 @@ def test_make_adam_puts_a_tensor_lr_where_the_parameters_are():
     assert isinstance(make_adam(sae, 1e-3, torch.device("cpu")).param_groups[0]["lr"], float)
     lr = make_adam(sae, 1e-3, torch.device("cpu"), tensor_lr=True).param_groups[0]["lr"]
     assert isinstance(lr, torch.Tensor) and lr.device.type == "cpu" and lr.item() == pytest.approx(1e-3)
+
+
+def test_batches_selected_in_the_step_are_the_host_gathered_ones():
+    data, order = torch.randn(50, 4), torch.randperm(50)
+    for start in (0, 3):
+        expected = list(batching.device_batches(data, order, 8, torch.device("cpu"), start=start))
+        selector = batching.GraphBatches(data, 50, 8)
+        got = [b if isinstance(b, torch.Tensor) else selector.gather().clone() for b in selector.batches(order, start)]
+        assert [b.shape[0] for b in got] == [8] * (6 - start) + [2]
+        assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
+
+
+def test_training_with_batches_selected_in_the_step_equals_the_host_gathered_run(tmp_path, monkeypatch):
+    settings = dict(epochs=2, batch_size=64, progress=False, l1_coefficient=1e-2)
+
+    def run(**options):
+        torch.manual_seed(3)
+        return train_sae(SAE(8, 32), low_rank_data(), **(settings | options)).sae
+
+    host = run()
+    monkeypatch.setattr(Stepper, "select_in_graph", True)
+    gathers, gather = [], batching.GraphBatches.gather
+    monkeypatch.setattr(batching.GraphBatches, "gather", lambda self: gathers.append(1) or gather(self))
+    in_step = run()
+    run(run_dir=tmp_path / "cut", max_steps=11)  # mid-epoch 2: the counter restarts at batch 2 of epoch 2
+    resumed = run(run_dir=tmp_path / "cut")
+    assert len(gathers) == 16 + 11 + 5  # 540 training rows, 8 full batches of 64 an epoch: two epochs, 11 steps, 5
+    for name, value in host.state_dict().items():
+        assert torch.equal(in_step.state_dict()[name], value), name
+        assert torch.equal(resumed.state_dict()[name], value), name
+
+
+def test_the_step_gathering_its_own_batch_never_syncs_and_its_warm_up_is_undone():
+    sae = SAE(8, 32)
+    device = torch.device("cpu")
+    stepper = Stepper(sae, make_adam(sae, 1e-3, device, tensor_lr=True), RunningStats(32, device, 64), device)
+    stepper.set_lr(1e-3)
+    stepper.set_sparsity(1e-2)
+    stepper.select_in_graph = True
+    batches = stepper.batches(low_rank_data(n=100), torch.randperm(100), 16)
+    assert isinstance(next(batches), batching.InGraphBatch)
+    saved = stepper._state()
+    with NoHostSync():
+        stepper.body(None)
+    assert stepper.graph_batches.counter == 1 and "batches.counter" in saved
+    stepper._restore(saved)
+    assert stepper.graph_batches.counter == 0

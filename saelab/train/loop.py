@@ -32,7 +32,7 @@ from saelab.config import GPT2, TRAINING_FIELDS, Profile
 from saelab.devices import canonical, device_of, tf32_matmuls
 from saelab.metrics import evaluate, total_variance
 from saelab.sae import REGISTRY, SAE, sae_for
-from saelab.train.batching import as_activations, device_batches, epoch_order, to_training_device, train_val_split
+from saelab.train.batching import as_activations, epoch_order, to_training_device, train_val_split
 from saelab.train.checkpoint import load_checkpoint, prepare_run_dir, restore_optimizer, save_checkpoint
 from saelab.train.step import RunningStats, Stepper, make_adam
 from saelab.train.tracking import RunLog
@@ -111,7 +111,7 @@ class Trainer:
         try:
             while not self.finished:
                 order = epoch_order(self.train_rows, s.seed, self.epoch)
-                for x in device_batches(self.data, order, s.batch_size, self.device, start=self.batch):
+                for x in self.stepper.batches(self.data, order, s.batch_size, start=self.batch):
                     # lr and λ -> step (gradients, Adam, constraint, statistics) -> log / checkpoint / stop
                     self.stepper.set_lr(lr_at(self.step, s, total))
                     self.stepper.set_sparsity(l1_at(self.step, self.coefficient, s.l1_warm_up_steps))

@@ -17,6 +17,7 @@ import warnings
 import torch
 
 from saelab.sae import SAE, Losses
+from saelab.train.batching import GraphBatches, InGraphBatch, device_batches
 
 SUMS = ("loss", "sse", "sparsity", "aux", "rows")  # summed over an epoch by RunningStats
 WARMUP_STEPS = 3  # eager steps on a side stream before capture: cuBLAS handles, Adam's state, autograd
@@ -82,8 +83,14 @@ def make_adam(sae: SAE, lr: float, device: torch.device, tensor_lr: bool | None 
 
 
 class Stepper:
-    """`stepper(data, rows)`: one optimizer step on data[rows]. Captures itself as a CUDA graph on the
-    first full batch when `graph` is set (CUDA only); otherwise, and for shorter batches, runs eagerly."""
+    """`stepper(x, full_batch)`: one optimizer step on the batch x. Captures itself as a CUDA graph on the
+    first full batch when `graph` is set (CUDA only); otherwise, and for shorter batches, runs eagerly.
+    `stepper.batches(...)` gives an epoch's batches; with data on the device and the graph on, full batches
+    are gathered inside the graph (`GraphBatches`) and x is an `InGraphBatch` placeholder."""
+
+    # gather full batches inside the step (GraphBatches): None = when the step is captured and the data is on
+    # its device; True also selects them eagerly elsewhere (the CPU tests run that path)
+    select_in_graph: bool | None = None
 
     def __init__(self, sae: SAE, optimizer: torch.optim.Optimizer, stats: RunningStats, device: torch.device,
                  dtype: torch.dtype = torch.float32, graph: bool = False):
@@ -96,6 +103,17 @@ class Stepper:
         self.last_lr: float | None = None  # the values last sent, so an unchanged one costs no launch
         self.last_sparsity: float | None = None
         self.last_x: torch.Tensor | None = None  # the last batch, for logging
+        self.graph_batches: GraphBatches | None = None  # batch selection inside the step, once made
+
+    def batches(self, data: torch.Tensor, order: torch.Tensor, batch_size: int, start: int = 0):
+        """The epoch's batches from batch `start` on: `GraphBatches` when selected (see `select_in_graph`),
+        else `device_batches` (tensors, gathered by the host, streamed when the data is in host memory)."""
+        in_graph = self.select_in_graph if self.select_in_graph is not None else self.graph
+        if not in_graph or data.device != self.device:
+            return device_batches(data, order, batch_size, self.device, start=start)
+        if self.graph_batches is None or self.graph_batches.order.shape[0] < order.shape[0]:
+            self.graph_batches = GraphBatches(data, order.shape[0], batch_size)
+        return self.graph_batches.batches(order, start)
 
     def set_lr(self, lr: float) -> None:
         if lr != self.last_lr:
@@ -111,8 +129,9 @@ class Stepper:
             self.sparsity.fill_(coefficient)
             self.last_sparsity = coefficient
 
-    def body(self, x: torch.Tensor) -> Losses:
-        """The step itself: everything here is captured in the graph."""
+    def body(self, x: torch.Tensor | None) -> Losses:
+        """The step itself: everything here is captured in the graph. x None: gather the batch here."""
+        x = self.graph_batches.gather() if x is None else x
         losses = self.sae.backward(x, self.sparsity, self.stats.dead(), self.dtype)
         self.sae.constrain_grads()
         self.optimizer.step()
@@ -120,33 +139,36 @@ class Stepper:
         self.stats.add(losses, x)
         return losses
 
-    def __call__(self, x: torch.Tensor, full_batch: int) -> Losses:
-        """One step on the batch x (batch, d_in), float32 on the device."""
+    def __call__(self, x: torch.Tensor | InGraphBatch, full_batch: int) -> Losses:
+        """One step on the batch x (batch, d_in), float32 on the device, or on the next batch the step
+        gathers itself (x an `InGraphBatch`)."""
+        in_graph = isinstance(x, InGraphBatch)
         if not self.graph or x.shape[0] != full_batch:
             self.optimizer.zero_grad(set_to_none=True)
-            self.last_x = x
-            return self.body(x)
+            self.last_x = self.graph_batches.gather() if in_graph else x
+            return self.body(self.last_x)
         if self.captured is None:
             try:
-                self._capture(x)
+                self._capture(None if in_graph else x)
             except RuntimeError as err:  # torch.AcceleratorError too: a capture that fails must not end the run
                 warnings.warn(f"capturing the training step as a CUDA graph failed ({str(err).splitlines()[0]}); "
                               "training continues eagerly (slower, same result)", stacklevel=2)
                 self.graph, self.captured = False, None
                 return self(x, full_batch)
-        self.x.copy_(x)
+        if not in_graph:
+            self.x.copy_(x)
         self.captured.replay()
-        self.last_x = self.x
+        self.last_x = self.graph_batches.x if in_graph else self.x
         return self.losses
 
-    def _capture(self, x: torch.Tensor) -> None:
+    def _capture(self, x: torch.Tensor | None) -> None:
         """Warm up on a side stream (as torch.cuda.graphs requires), capture on that same stream (autograd
         ties each parameter's gradient accumulator to the stream it was first used on: another stream for
         the capture invalidates it), then undo the warm-up's updates so the captured run starts exactly
         where the eager one would."""
         saved = self._state()
         try:
-            self.x = x.clone()
+            self.x = x.clone() if x is not None else None  # None: the step gathers its batch (GraphBatches)
             side = torch.cuda.Stream(self.device)
             side.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(side):
@@ -173,6 +195,8 @@ class Stepper:
         for i, p in enumerate(self.sae.parameters()):
             for key in ("exp_avg", "exp_avg_sq", "step"):
                 tensors[f"adam.{i}.{key}"] = self.optimizer.state.get(p, {}).get(key)
+        if self.graph_batches is not None:  # the warm-up counts batches too
+            tensors["batches.counter"] = self.graph_batches.counter
         return tensors | {f"stats.{n}": t for n, t in self.stats.tensors().items()}
 
     @torch.no_grad()
