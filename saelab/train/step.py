@@ -5,9 +5,11 @@ A step is: the architecture's gradients (`sae.backward`) -> `sae.constrain_grads
 and nothing in it is a Python number that changes from step to step: the learning rate and the
 sparsity coefficient are device tensors that the host refills only when they change. So on CUDA the
 whole step is captured once as a CUDA graph and replayed: one launch per step instead of ~30, which
-at batch 512 is the difference between a GPU waiting on Python and a busy one. The batch is gathered
-into a static buffer just before each replay. Shapes must be static, so an epoch's last, shorter
-batch runs the same step eagerly on the same tensors.
+at batch 512 is the difference between a GPU waiting on Python and a busy one. With the data on the
+device the step gathers its own batch, by a device-side counter over the epoch's order
+(`batching.GraphBatches`); data streamed from host memory is copied into a static buffer just before
+each replay. Shapes must be static, so an epoch's last, shorter batch runs the same step eagerly on
+the same tensors.
 """
 
 from __future__ import annotations
