@@ -9,10 +9,11 @@ under a minute are skipped and say so): (1) the CUDA tests (`pytest -m device`: 
 captured step against the eager one, bfloat16, resume); (2) training throughput at the seed's scale, 768 -> 6144,
 batch 512, 2.54M rows: saelab's step with the one-GEMM and the two-GEMM weight gradient, bfloat16 written out and
 under autocast, the seed article's loop and SAELens, side by side (benchmarks/train.py); (3) the step's kernels
-and which GEMMs run on Hopper kernels; (4) the seed article end to end, notebooks 01-04's work in the gpt2
-profile from a local GPT-2-shape folder and text file (benchmarks/e2e.py); (5) max-activating examples over
-the seed's 635k MAE tokens (benchmarks/mae.py); (6) capture throughput of a GPT-2-small-shape model with the
-background shard writer (benchmarks/capture.py); (7, --compile) torch.compile in place of saelab's graph.
+and which GEMMs run on Hopper kernels; (4) max-activating examples over the seed's 635k MAE tokens
+(benchmarks/mae.py); (5) capture throughput of a GPT-2-small-shape model with the background shard writer
+(benchmarks/capture.py); (6) the seed article end to end, notebooks 01-04's work in the gpt2 profile from a
+local GPT-2-shape folder and text file (benchmarks/e2e.py), with the time left; (7, --compile) torch.compile
+in place of saelab's graph; (8, --notebooks) the six notebooks on CUDA under nbmake, offline profile.
 Each step runs in its own process, so one failure does not hide the rest; the last thing printed is one
 summary table. Exit status 0 only if every step that ran passed.
 """
@@ -87,14 +88,21 @@ def main(args) -> int:
     step("train", train, 150)
     if not args.smoke:  # which kernel each GEMM of the step runs on (Hopper: sm90), and kernels per step
         step("kernels", [python, str(HERE / "train.py"), "--device", device, "--profile-kernels"], 60)
-    e2e = [python, str(HERE / "e2e.py"), "--device", device, "--out", str(out / "e2e"), "--json", str(out / "e2e.json")]
-    step("e2e", e2e + (["--smoke"] if args.smoke else []), 200)
     mae = [python, str(HERE / "mae.py"), "--device", device]
     mae += ["--smoke"] if args.smoke else ["--scale", "gpt2", "--tokens", str(SEED_MAE_TOKENS)]
     step("mae", mae, 60)
-    capture = [python, str(HERE / "capture.py"), "--device", device]  # saelab's CUDA batch next to the seed's 32
-    capture += ["--smoke"] if args.smoke else ["--case", "gpt2-small-shape", "--batch-size", "32", "0"]
-    step("capture", capture, 120)
+    capture = [python, str(HERE / "capture.py"), "--device", device]  # saelab's CUDA batch (the seed's 32: earlier)
+    capture += ["--smoke"] if args.smoke else ["--case", "gpt2-small-shape", "--batch-size", "0"]
+    step("capture", capture, 90)
+    # last: it takes what is left (about 3 minutes at the target speed); stage times print as each ends
+    e2e = [python, str(HERE / "e2e.py"), "--device", device, "--json", str(out / "e2e.json"),
+           "--out", str(out / "e2e" if args.smoke else ROOT / "runs" / "e2e")]  # ~5 GB of stores: not in the logs
+    step("e2e", e2e + (["--smoke"] if args.smoke else []), 300)
+    if args.notebooks and not args.smoke:  # beyond the budget: the six notebooks on CUDA, offline profile, nbmake
+        notebooks = sorted(str(p) for p in (ROOT / "notebooks").glob("0*.ipynb"))
+        env = ["env", "SAELAB_PROFILE=offline", f"SAELAB_ROOT={ROOT / 'runs' / 'gpu_notebooks'}"]
+        results["notebooks"] = run_step("notebooks", [*env, python, "-m", "pytest", "-q", "--nbmake", *notebooks],
+                                        900, out)
     if args.compile and not args.smoke:  # torch.compile(mode="reduce-overhead") instead of saelab's graph
         step("compile", [python, str(HERE / "train.py"), "--device", device, "--rows", str(SEED_ROWS), "--steps",
                          "500", "--trainers", "saelab-compile", "--json", str(out / "compile.json")], 240)
@@ -137,5 +145,7 @@ if __name__ == "__main__":
     parser.add_argument("--out", default=os.environ.get("OUT") or "runs/gpu_check", help="folder for the logs")
     parser.add_argument("--budget", type=int, default=480, help="seconds for all steps together (default 8 minutes)")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile in place of the graph (last)")
+    parser.add_argument("--notebooks", action="store_true", help="also run the six notebooks on CUDA under nbmake "
+                        "(offline profile; beyond the budget, ~5 minutes)")
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny sizes, no test suite: checks the command")
     sys.exit(main(parser.parse_args()))
