@@ -21,7 +21,7 @@ from saelab.data.lm import at_initialisation
 from saelab.data.tokens import load_tokens
 from saelab.features.analysis import max_activating, text_alignment, top_features
 from saelab.store import StoreWriter
-from saelab.train.loop import profile_training_options, sae_for_profile, train_sae
+from saelab.train.loop import sae_for_profile, train_sae
 
 
 @torch.inference_mode()
@@ -57,7 +57,7 @@ def random_twin_alignment(profile: Profile, lm, max_contexts: int = 1024, tokeni
     scale = (trained.pow(2).sum(1).mean() / activations.pow(2).sum(1).mean()).sqrt()
     activations = activations * scale
     sae = sae_for_profile(profile, device)
-    train_sae(sae, activations, progress=False, **profile_training_options(profile, sae))
+    train_sae(sae, activations, profile.train, progress=False)
     held_out, index = capture_in_memory(twin, ids["mae"], profile.hook, profile.exclude_first_position)
     held_out = held_out * scale
     with tempfile.TemporaryDirectory() as folder:  # max_activating reads a store: a temporary one

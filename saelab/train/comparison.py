@@ -19,7 +19,7 @@ from saelab.train.loop import train_profile
 
 
 def run_name(profile, architecture: str) -> str:
-    return "sae" if architecture == profile.architecture else architecture
+    return "sae" if architecture == profile.sae.architecture else architecture
 
 
 def quality(sae, eval_activations: torch.Tensor, lm, tokens: torch.Tensor, profile) -> dict[str, float]:
