@@ -12,8 +12,9 @@ under autocast, the seed article's loop and SAELens, side by side (benchmarks/tr
 and which GEMMs run on Hopper kernels; (4) max-activating examples over the seed's 635k MAE tokens
 (benchmarks/mae.py); (5) capture throughput of a GPT-2-small-shape model with the background shard writer
 (benchmarks/capture.py); (6) the seed article end to end, notebooks 01-04's work in the gpt2 profile from a
-local GPT-2-shape folder and text file (benchmarks/e2e.py), with the time left; (7, --compile) torch.compile
-in place of saelab's graph; (8, --notebooks) the six notebooks on CUDA under nbmake, offline profile.
+local GPT-2-shape folder and text file (benchmarks/e2e.py); (7) TopK/BatchTopK, sparse and dense step, beside
+EleutherAI sparsify, with the time left (raise --budget to be sure of it); (8, --compile) torch.compile in place
+of saelab's graph; (9, --notebooks) the six notebooks on CUDA under nbmake, offline profile.
 Each step runs in its own process, so one failure does not hide the rest; the last thing printed is one
 summary table. Exit status 0 only if every step that ran passed.
 """
@@ -98,6 +99,10 @@ def main(args) -> int:
     e2e = [python, str(HERE / "e2e.py"), "--device", device, "--json", str(out / "e2e.json"),
            "--out", str(out / "e2e" if args.smoke else ROOT / "runs" / "e2e")]  # ~5 GB of stores: not in the logs
     step("e2e", e2e + (["--smoke"] if args.smoke else []), 300)
+    if not args.smoke:  # TopK at the seed's shape, k = 32: saelab's sparse step beside sparsify's Triton kernels
+        step("train-topk", [python, str(HERE / "train.py"), "--device", device, "--rows", str(SEED_ROWS), "--steps",
+                            "600", "--trainers", "saelab-topk,saelab-topk-dense,saelab-batchtopk,sparsify", "--json",
+                            str(out / "train_topk.json")], 150)
     if args.notebooks and not args.smoke:  # beyond the budget: the six notebooks on CUDA, offline profile, nbmake
         notebooks = sorted(str(p) for p in (ROOT / "notebooks").glob("0*.ipynb"))
         env = ["env", "SAELAB_PROFILE=offline", f"SAELAB_ROOT={ROOT / 'runs' / 'gpu_notebooks'}"]
