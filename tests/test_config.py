@@ -35,7 +35,7 @@ def test_explicit_name_beats_environment(monkeypatch):
 
 
 def test_unknown_profile_lists_valid_names():
-    with pytest.raises(ValueError, match=r"unknown profile 'gtp2'.*\['gpt2', 'offline', 'quick'\]"):
+    with pytest.raises(ValueError, match=r"unknown profile 'gtp2'.*\['gpt2', 'offline', 'offline-test', 'quick'\]"):
         load_profile("gtp2")
 
 
@@ -182,3 +182,13 @@ def test_dir_lists_the_public_names_without_importing_them():
 def test_an_override_may_rename_the_profile():
     profile = load_profile("gpt2", name="gpt2-local", dataset_id="/data/owt.jsonl")
     assert (profile.name, profile.dataset_id, profile.d_in) == ("gpt2-local", "/data/owt.jsonl", 768)
+
+
+def test_make_tests_setting_is_the_offline_pipeline_with_shorter_training():
+    """`make test` runs the notebooks with offline-test: the same data, model, hook and SAE shape as
+    `make workbook`'s offline, only training and notebook 05 shorter."""
+    from saelab.config import OFFLINE_TEST
+
+    changed = {f for f in field_names() if getattr(OFFLINE_TEST, f) != getattr(OFFLINE, f)}
+    assert changed <= {"name", "epochs", "lr", "synth_samples", "synth_epochs", "synth_seeds"}
+    assert OFFLINE_TEST.epochs < OFFLINE.epochs and OFFLINE_TEST.target_l0 == OFFLINE.target_l0 > 0
