@@ -236,15 +236,23 @@ def fit(model, train: torch.Tensor, held_out: torch.Tensor, *, steps: int, batch
     return history
 
 
-def train_lm(profile: Profile, tokenizer, settings: dict, device: str = "cpu", progress: bool = True):
-    """A seeded GPT2LMHeadModel trained with the profile's offline_lm_* settings, and its record."""
+def initial_model(profile: Profile, tokenizer=None):
+    """The offline model at step 0: GPT2LMHeadModel with INIT_STD weights seeded by profile.seed (the global
+    RNG is left untouched). `train_lm` trains it; `saelab.data.lm.at_initialisation` rebuilds it as the
+    random twin (notebook 04), so the twin is the trained model's own initialisation."""
     from transformers import GPT2LMHeadModel
 
-    train_ids, held_out, documents = corpus_contexts(profile, tokenizer)
-    config = gpt2_config(profile, tokenizer, INIT_STD)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(profile.seed)
-        model = GPT2LMHeadModel(config).to(device)
+        return GPT2LMHeadModel(gpt2_config(profile, tokenizer, INIT_STD))
+
+
+def train_lm(profile: Profile, tokenizer, settings: dict, device: str = "cpu", progress: bool = True):
+    """A seeded GPT2LMHeadModel trained with the profile's offline_lm_* settings, and its record."""
+
+    train_ids, held_out, documents = corpus_contexts(profile, tokenizer)
+    model = initial_model(profile, tokenizer).to(device)
+    config = model.config
     started = time.perf_counter()
     with cpu_threads(profile.offline_lm_threads) as threads:
         history = fit(model, train_ids, held_out, steps=profile.offline_lm_steps,

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 import warnings
+from collections.abc import Callable
 
 import pandas as pd
 import torch
@@ -84,15 +85,18 @@ def next_probe(probes: list[tuple[float, float]], target: float, slope: float = 
 
 
 def search_coefficient(profile, activations: torch.Tensor, architecture: str, target: float,
-                       probes: int = SEARCH_PROBES, progress: bool = False) -> dict:
+                       probes: int = SEARCH_PROBES, progress: bool = False,
+                       probe: Callable[[float], float] | None = None) -> dict:
     """The sparsity coefficient of `architecture` whose run reaches validation L0 = target within
     SEARCH_TOLERANCE, starting from the profile's value; the run at that value is left in its folder.
     Returns {"field", "value", "l0" (its run's), "probes": [[coefficient, L0], ...]}; when no probe gets
-    that close, the closest one (trained again, so that its run is the one in the folder), with a warning."""
+    that close, the closest one (trained again, so that its run is the one in the folder), with a warning.
+    `probe(value) -> L0` replaces `probe_l0` (e.g. runs kept in memory rather than in the run folder)."""
     field = sparsity_field(architecture)
+    probe = probe or (lambda value: probe_l0(profile, activations, architecture, value, progress))
     value, tried = float(getattr(profile, field)), []
     for _ in range(probes):
-        tried.append((value, probe_l0(profile, activations, architecture, value, progress)))
+        tried.append((value, probe(value)))
         if progress:
             print(f"  {architecture} {field}={value:.4g}: L0 {tried[-1][1]:.1f}", flush=True)
         if abs(tried[-1][1] / target - 1) <= SEARCH_TOLERANCE:
@@ -100,7 +104,7 @@ def search_coefficient(profile, activations: torch.Tensor, architecture: str, ta
         value = next_probe(tried, target)
     best = min(tried, key=lambda p: abs(math.log(p[1] / target)))
     if best != tried[-1]:
-        probe_l0(profile, activations, architecture, best[0])
+        probe(best[0])
     if abs(best[1] / target - 1) > SEARCH_TOLERANCE:
         warnings.warn(f"{architecture}: no {field} within {SEARCH_TOLERANCE:.0%} of L0 {target} after {len(tried)} "
                       f"probes; using {best[0]:.4g} (L0 {best[1]:.1f}). Widen the search (probes=) or set {field} "
