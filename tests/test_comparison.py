@@ -43,6 +43,10 @@ def test_search_reaches_the_target_and_caches_it(monkeypatch):
     assert {a for a, _ in calls} == {"tied", "jumprelu"}
     cache = json.loads((paths.run_dir(PROFILE) / comparison.SEARCH_FILE).read_text())
     assert cache["tied"]["value"] == matched["tied"]["l1_coefficient"]
+    table = comparison.search_table(PROFILE)  # notebook 03's table of probes
+    assert table.groupby("architecture").chosen.sum().to_dict() == {"jumprelu": 1, "tied": 1}
+    assert table[table.chosen].set_index("architecture").value.to_dict() == {
+        "tied": matched["tied"]["l1_coefficient"], "jumprelu": matched["jumprelu"]["l0_coefficient"]}
     calls.clear()  # a rerun with the same settings and data reads the cache
     assert comparison.match_l0(PROFILE, x, architectures=("tied", "jumprelu"), progress=False) == {
         a: matched[a] for a in ("tied", "jumprelu")}
