@@ -6,6 +6,7 @@
     sae = saelab.sae_for("topk", 768, 6144, k=32)  # or any of saelab.ARCHITECTURES
     result = saelab.train_sae(sae, activations)  # activations: (rows, d_in) tensor
     sae.save("my_sae")                           # cfg.json + sae_weights.safetensors (SAELens layout)
+    saelab.top_examples(55, "runs/offline")      # a feature's top examples in context, in one line
 
 Importing saelab loads nothing heavy: names are resolved on first use.
 """
@@ -31,6 +32,8 @@ _PUBLIC = {
     "write_dashboards": "saelab.features.dashboards",
     "FeatureExplorer": "saelab.features.cards",
     "feature_card": "saelab.features.cards",
+    "top_examples": "saelab.adhoc",
+    "explore": "saelab.adhoc",
     "save_figure": "saelab.plots",
     "build_tokens": "saelab.data.tokens",
     "load_tokens": "saelab.data.tokens",

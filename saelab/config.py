@@ -1,13 +1,19 @@
-"""Profiles: every number of a run in one frozen dataclass.
+"""Profiles: every number of a run in one frozen dataclass, composed of sections.
 
-`gpt2` is the seed article's configuration; `quick` and `offline` are derived from it with
-`dataclasses.replace`, so a difference between profiles is always a visible override.
+    profile.sae     SAEConfig: which SAE (architecture, width, the architecture's options)
+    profile.train   TrainConfig: how it trains; `train_sae(sae, activations, profile.train)` takes it as it is
+    the rest        the LM and hook, text data, capture, MAE, dashboards, notebooks 05-06
+
+`gpt2` is the seed article's configuration; `quick` and `offline` are derived from it with `replace`, so a
+difference between profiles is always a visible override. `Profile.replace` and `load_profile` take any field
+by its own name, section fields too (`replace(lr=3e-4)` sets `train.lr`), and so does a profile JSON.
 Notebooks call `load_profile(profile)` and never hard-code a number.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import os
 import socket
@@ -26,17 +32,136 @@ OFFLINE_LMS = ("trained", "random")  # profile.offline_lm: saelab.data.offline_l
 B_DEC_INITS = ("zeros", "mean", "geometric_median")  # saelab.sae.SAE.init_b_dec (a test keeps them equal)
 LR_SCHEDULERS = ("constant", "cosineannealing")  # SAELens' lr_scheduler_name values that saelab implements
 TRAIN_DTYPES = ("float32", "bfloat16")
-# The Profile fields that are training settings: train_sae(**options) takes exactly these.
-TRAINING_FIELDS = ("l1_coefficient", "l0_coefficient", "lr", "lr_scheduler_name", "lr_warm_up_steps",
-                   "lr_decay_steps", "lr_end", "l1_warm_up_steps", "batch_size", "epochs", "val_fraction", "seed",
-                   "b_dec_init", "dead_after_tokens", "dtype", "cuda_graph", "checkpoint_every", "checkpoint_minutes",
-                   "log_every")
 # Old names and what replaced them, so an old profile JSON gets a message rather than "unknown field".
 RENAMED = {"recipe": "architecture (tied_l1 -> 'tied', l1 -> 'standard', topk -> 'topk')",
            "l1_warmup_steps": "l1_warm_up_steps (SAELens' name)"}
+# Old flat names of SAE options, migrated into the sae section under the name the architecture takes.
+MOVED = {"topk_k": "k", "batchtopk_threshold_lr": "threshold_lr", "jumprelu_bandwidth": "bandwidth",
+         "jumprelu_init_threshold": "init_threshold"}
 OFFLINE_MODEL = "offline-tiny"  # a small GPT-2-architecture model saelab trains on the offline corpus
 OFFLINE_CORPUS = "offline:installed-docs"  # dataset_id of the corpus harvested from installed docstrings
 EOT = "<|endoftext|>"  # GPT-2's separator, also the offline tokenizer's; BOS of every context
+
+
+def _count(value, minimum: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def _did_you_mean(name: str, valid) -> str:
+    close = difflib.get_close_matches(name, list(valid), 1)
+    return f"{name!r} (did you mean {close[0]!r}?)" if close else repr(name)
+
+
+@dataclass(frozen=True)
+class SAEConfig:
+    """Which SAE: `sae_for(architecture, d_in, expansion_factor * d_in, **options_for(architecture))`.
+    An architecture takes only its own options (its class's `options`); the others are ignored for it."""
+
+    architecture: str = "tied"  # tied (the seed) | standard | topk | batchtopk | jumprelu
+    expansion_factor: int = 8  # d_sae = expansion_factor * d_in (seed: 8 -> 6144)
+    k: int = 32  # topk: active latents per token; batchtopk: per token on average over the batch
+    aux_k: int = 0  # topk/batchtopk: dead latents in the AuxK loss; 0 = a power of two near d_in/2 (Gao: 512)
+    aux_coefficient: float = 1 / 32  # topk/batchtopk: weight α of the AuxK loss (Gao et al. 2024: 1/32)
+    threshold_lr: float = 0.01  # batchtopk: rate of θ's moving average (SAELens' topk_threshold_lr)
+    bandwidth: float = 0.05  # jumprelu: width ε of the straight-through kernel, activation units (SAELens)
+    init_threshold: float = 0.01  # jumprelu: θ at initialisation, activation units (SAELens)
+
+    def __post_init__(self) -> None:
+        # the registry (saelab.sae registers the built-ins), so a newly registered class is valid too
+        from saelab.sae.base import architecture_names
+
+        problems = []
+        if self.architecture not in architecture_names():
+            problems.append(f"architecture={self.architecture!r}: choose one of {architecture_names()}")
+        problems += [f"{name}={getattr(self, name)!r}: must be a positive integer"
+                     for name in ("expansion_factor", "k") if not _count(getattr(self, name), 1)]
+        if not _count(self.aux_k, 0):
+            problems.append(f"aux_k={self.aux_k!r}: must be an integer >= 0 (0 = a power of two near d_in / 2)")
+        problems += [f"{name}={getattr(self, name)!r}: must be a number > 0"
+                     for name in ("aux_coefficient", "threshold_lr", "bandwidth") if not getattr(self, name) > 0]
+        if not self.init_threshold >= 0:
+            problems.append(f"init_threshold={self.init_threshold!r}: must be a number >= 0")
+        if problems:
+            raise ValueError("invalid SAE settings:\n  " + "\n  ".join(problems))
+
+    def options_for(self, architecture: str | None = None) -> dict:
+        """The options `sae_for` takes for `architecture` (default: this section's), from this section."""
+        from saelab.sae.base import REGISTRY
+
+        return {name: getattr(self, name) for name in REGISTRY[architecture or self.architecture].options}
+
+    def replace(self, **changes) -> SAEConfig:
+        """A copy with some fields changed; an unknown name is an error that names the one meant."""
+        return _replace(self, "SAE setting", changes)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How an SAE trains: `train_sae(sae, activations, config)` takes this as it is, or its fields as
+    keywords. The defaults are the seed article's (Cunningham et al. 2023): Adam 1e-3, batch 512, 100 epochs."""
+
+    l1_coefficient: float = 1e-3  # λ of tied and standard, against MSE averaged over batch and d_in (seed: 1e-3)
+    l0_coefficient: float = 1e-3  # λ0 of jumprelu: the cost of one active latent, in units of that MSE
+    lr: float = 1e-3  # Adam learning rate (seed: 1e-3, constant)
+    lr_scheduler_name: str = "constant"  # constant (seed) | cosineannealing: to lr_end over the steps left
+    lr_warm_up_steps: int = 0  # steps of linear warm-up from lr/steps to lr (seed: 0)
+    lr_decay_steps: int = 0  # final steps of linear decay to lr_end (seed: 0)
+    lr_end: float | None = None  # lr at the end of cosine annealing or decay; None = lr / 10 (SAELens)
+    l1_warm_up_steps: int = 0  # the sparsity coefficient (λ or λ0) ramps linearly from 0 (seed: 0, constant)
+    batch_size: int = 512  # activations per optimizer step (seed: 512)
+    epochs: int = 100  # passes over the training split (seed: 100)
+    val_fraction: float = 0.1  # share of activations held out for validation (seed: a split, size unstated)
+    seed: int = 0  # seeds the split, shuffling and SAE initialisation (and, in a profile, the offline LM)
+    b_dec_init: str = "zeros"  # zeros (the seed) | mean | geometric_median (Bricken et al. 2023) of a sample
+    dead_after_tokens: int = 10_000_000  # a latent is dead after this many tokens unfired (Gao et al.: 10M),
+    #                                      capped at one epoch's tokens so small datasets can have dead latents
+    dtype: str = "float32"  # matmul precision: float32 (TF32 on CUDA, the seed) | bfloat16 (autocast; weights
+    #                         and Adam stay float32)
+    cuda_graph: bool = True  # on CUDA, replay each step as one CUDA graph (False: eager, for debugging)
+    checkpoint_every: int = 0  # optimizer steps between checkpoints; 0 = every checkpoint_minutes instead
+    checkpoint_minutes: float = 5.0  # wall-clock minutes between checkpoints (and one at the end, and on Ctrl-C)
+    log_every: int = 100  # steps between wandb points and progress-bar updates (each one host sync)
+
+    def __post_init__(self) -> None:
+        problems = [f"{name}={getattr(self, name)!r}: must be an integer >= {minimum}"
+                    for name, minimum in (("checkpoint_every", 0), ("log_every", 1), ("dead_after_tokens", 1),
+                                          ("l1_warm_up_steps", 0), ("lr_warm_up_steps", 0), ("lr_decay_steps", 0),
+                                          ("batch_size", 1), ("epochs", 1))
+                    if not _count(getattr(self, name), minimum)]
+        problems += [f"{name}={getattr(self, name)!r}: must be a number > 0"
+                     for name in ("lr", "checkpoint_minutes") if not getattr(self, name) > 0]
+        problems += [f"{name}={getattr(self, name)!r}: must be a number >= 0"
+                     for name in ("l1_coefficient", "l0_coefficient") if not getattr(self, name) >= 0]
+        if self.lr_end is not None and not self.lr_end >= 0:
+            problems.append(f"lr_end={self.lr_end!r}: a learning rate >= 0, or None (= lr / 10)")
+        if not 0 < self.val_fraction < 1:
+            problems.append(f"val_fraction={self.val_fraction}: must be strictly between 0 and 1")
+        for name, valid in (("b_dec_init", B_DEC_INITS), ("lr_scheduler_name", LR_SCHEDULERS),
+                            ("dtype", TRAIN_DTYPES)):
+            if getattr(self, name) not in valid:
+                problems.append(f"{name}={getattr(self, name)!r}: choose one of {valid}")
+        if not isinstance(self.cuda_graph, bool):
+            problems.append(f"cuda_graph={self.cuda_graph!r}: True or False")
+        if problems:
+            raise ValueError("invalid training settings:\n  " + "\n  ".join(problems))
+
+    def replace(self, **changes) -> TrainConfig:
+        """A copy with some fields changed; an unknown name is an error that names the one meant."""
+        return _replace(self, "training setting", changes)
+
+
+def _replace(section, what: str, changes: dict):
+    valid = [f.name for f in dataclasses.fields(section)]
+    unknown = [name for name in changes if name not in valid]
+    if unknown:
+        raise TypeError(f"unknown {what}(s) {', '.join(_did_you_mean(u, valid) for u in unknown)}; "
+                        f"valid: {valid}")
+    return dataclasses.replace(section, **changes)
+
+
+TRAINING_FIELDS = tuple(f.name for f in dataclasses.fields(TrainConfig))  # train_sae(**options) takes these
+SAE_FIELDS = tuple(f.name for f in dataclasses.fields(SAEConfig))
+SECTIONS = {"sae": SAEConfig, "train": TrainConfig}
 
 
 @dataclass(frozen=True)
@@ -90,42 +215,13 @@ class Profile:
     # 10x slower while the other core was busy (measured); torch_threads applies again afterwards
     offline_lm_threads: int = 1
 
-    # --- SAE (saelab.sae; `architecture` picks the class, the fields below its options)
-    architecture: str = "tied"  # tied (the seed) | standard | topk | batchtopk | jumprelu
-    expansion_factor: int = 8  # d_sae = expansion_factor * d_in (seed: 8 -> 6144)
-    l1_coefficient: float = 1e-3  # λ of tied and standard, against MSE averaged over batch and d_in (seed: 1e-3)
-    l0_coefficient: float = 1e-3  # λ0 of jumprelu: the cost of one active latent, in units of that MSE
-    topk_k: int = 32  # topk: active latents per token; batchtopk: per token on average over the batch
-    aux_k: int = 0  # topk/batchtopk: dead latents in the AuxK loss; 0 = a power of two near d_in/2 (Gao: 512)
-    aux_coefficient: float = 1 / 32  # topk/batchtopk: weight α of the AuxK loss (Gao et al. 2024: 1/32)
-    batchtopk_threshold_lr: float = 0.01  # batchtopk: rate of θ's moving average (SAELens' topk_threshold_lr)
-    jumprelu_bandwidth: float = 0.05  # jumprelu: width ε of the straight-through kernel, activation units (SAELens)
-    jumprelu_init_threshold: float = 0.01  # jumprelu: θ at initialisation, activation units (SAELens)
+    # --- the SAE and its training: sections of their own (saelab.sae, saelab.train.loop)
+    sae: SAEConfig = SAEConfig()
+    train: TrainConfig = TrainConfig()
     # Notebook 03 compares the architectures at this L0 (latents per token): k = target_l0 for topk and
     # batchtopk, λ / λ0 searched for the others (saelab.train.comparison.match_l0). 0 = no search: each
-    # architecture keeps the λ, λ0 and k above (the seed's tied SAE: λ = 1e-3 as published)
+    # architecture keeps the profile's λ, λ0 and k (the seed's tied SAE: λ = 1e-3 as published)
     target_l0: float = 0.0
-
-    # --- training (saelab.train.loop; every one is also a keyword of train_sae)
-    lr: float = 1e-3  # Adam learning rate (seed: 1e-3, constant)
-    lr_scheduler_name: str = "constant"  # constant (seed) | cosineannealing: to lr_end over the steps left
-    lr_warm_up_steps: int = 0  # steps of linear warm-up from lr/steps to lr (seed: 0)
-    lr_decay_steps: int = 0  # final steps of linear decay to lr_end (seed: 0)
-    lr_end: float | None = None  # lr at the end of cosine annealing or decay; None = lr / 10 (SAELens)
-    l1_warm_up_steps: int = 0  # the sparsity coefficient (λ or λ0) ramps linearly from 0 (seed: 0, constant)
-    batch_size: int = 512  # activations per optimizer step (seed: 512)
-    epochs: int = 100  # passes over the training split (seed: 100)
-    val_fraction: float = 0.1  # share of activations held out for validation (seed: a split, size unstated)
-    seed: int = 0  # seeds the model (offline), the split, shuffling and SAE initialisation
-    b_dec_init: str = "zeros"  # zeros (the seed) | mean | geometric_median (Bricken et al. 2023) of a sample
-    dead_after_tokens: int = 10_000_000  # a latent is dead after this many tokens unfired (Gao et al.: 10M),
-    #                                      capped at one epoch's tokens so small datasets can have dead latents
-    dtype: str = "float32"  # matmul precision: float32 (TF32 on CUDA, the seed) | bfloat16 (autocast; weights
-    #                         and Adam stay float32)
-    cuda_graph: bool = True  # on CUDA, replay each step as one CUDA graph (False: eager, for debugging)
-    checkpoint_every: int = 0  # optimizer steps between checkpoints; 0 = every checkpoint_minutes instead
-    checkpoint_minutes: float = 5.0  # wall-clock minutes between checkpoints (and one at the end, and on Ctrl-C)
-    log_every: int = 100  # steps between wandb points and progress-bar updates (each one host sync)
     ce_eval_contexts: int = 256  # held-out "mae" contexts for CE loss recovered in notebook 03
     torch_threads: int = 0  # intra-op CPU threads `apply_threads` sets in notebooks 02-05 (0 = torch's default)
 
@@ -178,35 +274,32 @@ class Profile:
         for name in ("synth_dict_ratios", "synth_l1_coefficients", "synth_topk_ks", "synth_l0_coefficients",
                      "synth_seeds"):
             object.__setattr__(self, name, tuple(getattr(self, name)))  # JSON gives lists; keep tuples
+        for name, section in SECTIONS.items():  # JSON gives dicts; a section validates itself
+            if isinstance(getattr(self, name), dict):
+                object.__setattr__(self, name, section(**getattr(self, name)))
+            elif not isinstance(getattr(self, name), section):
+                raise TypeError(f"{name}={getattr(self, name)!r}: a {section.__name__} (or a dict of its fields)")
         problems = []
+        if not isinstance(self.name, str) or not self.name:
+            problems.append(f"name={self.name!r}: a non-empty name (it becomes the runs/ and figures/ folder)")
         if not self.hook.startswith("blocks.") or not self.hook.split(".")[1].isdigit():
             problems.append(f"hook={self.hook!r}: use a TransformerLens name like 'blocks.6.hook_resid_pre'")
-        # the registry (saelab.sae registers the built-ins), so a newly registered class is valid too
-        from saelab.sae.base import architecture_names
-
-        if self.architecture not in architecture_names():
-            problems.append(f"architecture={self.architecture!r}: choose one of {architecture_names()}")
         if self.store_dtype not in STORE_DTYPES:
             problems.append(f"store_dtype={self.store_dtype!r}: choose one of {STORE_DTYPES}")
-        if not 0 < self.val_fraction < 1:
-            problems.append(f"val_fraction={self.val_fraction}: must be strictly between 0 and 1")
-        positive = ("d_in", "n_texts", "context_size", "capture_batch_size", "shard_rows",
-                    "expansion_factor", "topk_k", "batch_size", "epochs", "mae_texts", "mae_top_k",
-                    "mae_top_features", "offline_vocab_size", "offline_n_layers", "offline_n_heads",
-                    "synth_d", "synth_features", "synth_samples", "synth_epochs")
+        positive = ("d_in", "n_texts", "context_size", "capture_batch_size", "shard_rows", "ce_eval_contexts",
+                    "mae_texts", "mae_top_k", "mae_top_features", "offline_vocab_size", "offline_n_layers",
+                    "offline_n_heads", "synth_d", "synth_features", "synth_samples", "synth_epochs")
         problems += [f"{f}={getattr(self, f)}: must be a positive integer"
-                     for f in positive if not (isinstance(getattr(self, f), int) and getattr(self, f) > 0)]
-        if isinstance(self.dashboard_features, bool) or not (isinstance(self.dashboard_features, int)
-                                                             and self.dashboard_features >= 0):
+                     for f in positive if not _count(getattr(self, f), 1)]
+        if not _count(self.dashboard_features, 0):
             problems.append(f"dashboard_features={self.dashboard_features!r}: an integer >= 0 (0 = no dashboards)")
         if self.sae_path is not None and not isinstance(self.sae_path, str):
             problems.append(f"sae_path={self.sae_path!r}: a folder path as a string, or None for notebook 03's SAE")
         if not (isinstance(self.target_l0, (int, float)) and self.target_l0 >= 0):
             problems.append(f"target_l0={self.target_l0!r}: latents per token to match (> 0), or 0 for no search")
-        if not (isinstance(self.torch_threads, int) and self.torch_threads >= 0):
+        if not _count(self.torch_threads, 0):
             problems.append(f"torch_threads={self.torch_threads}: 0 (torch's default) or a positive thread count")
-        problems += (self._training_problems() + self._synthetic_problems() + self._interpretability_problems()
-                     + self._offline_lm_problems())
+        problems += self._synthetic_problems() + self._interpretability_problems() + self._offline_lm_problems()
         if self.context_size < 2 and self.exclude_first_position:
             problems.append("context_size must be >= 2 when exclude_first_position is set")
         if self.is_offline and not problems and self.offline_n_layers <= self.layer:
@@ -215,34 +308,6 @@ class Profile:
             problems.append(f"d_in={self.d_in} must be divisible by offline_n_heads={self.offline_n_heads}")
         if problems:
             raise ValueError(f"invalid profile {self.name!r}:\n  " + "\n  ".join(problems))
-
-    def _training_problems(self) -> list[str]:
-        """The SAE and training settings, caught here before any activations are loaded."""
-        def count(name: str, minimum: int) -> bool:
-            value = getattr(self, name)
-            return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
-
-        problems = [f"{name}={getattr(self, name)!r}: must be an integer >= {minimum}"
-                    for name, minimum in (("checkpoint_every", 0), ("log_every", 1), ("ce_eval_contexts", 1),
-                                          ("dead_after_tokens", 1), ("aux_k", 0), ("l1_warm_up_steps", 0),
-                                          ("lr_warm_up_steps", 0), ("lr_decay_steps", 0))
-                    if not count(name, minimum)]
-        problems += [f"{name}={getattr(self, name)!r}: must be a number > 0"
-                     for name in ("lr", "aux_coefficient", "jumprelu_bandwidth", "batchtopk_threshold_lr",
-                                  "checkpoint_minutes")
-                     if not getattr(self, name) > 0]
-        problems += [f"{name}={getattr(self, name)!r}: must be a number >= 0"
-                     for name in ("l1_coefficient", "l0_coefficient", "jumprelu_init_threshold")
-                     if not getattr(self, name) >= 0]
-        if self.lr_end is not None and not self.lr_end >= 0:
-            problems.append(f"lr_end={self.lr_end!r}: a learning rate >= 0, or None (= lr / 10)")
-        for name, valid in (("b_dec_init", B_DEC_INITS), ("lr_scheduler_name", LR_SCHEDULERS),
-                            ("dtype", TRAIN_DTYPES)):
-            if getattr(self, name) not in valid:
-                problems.append(f"{name}={getattr(self, name)!r}: choose one of {valid}")
-        if not isinstance(self.cuda_graph, bool):
-            problems.append(f"cuda_graph={self.cuda_graph!r}: True or False")
-        return problems
 
     def _synthetic_problems(self) -> list[str]:
         problems = []
@@ -292,7 +357,22 @@ class Profile:
 
     @property
     def d_sae(self) -> int:
-        return self.expansion_factor * self.d_in
+        return self.sae.expansion_factor * self.d_in
+
+    @property
+    def seed(self) -> int:
+        """The run's seed (`train.seed`): the split, shuffling, SAE initialisation and the offline LM."""
+        return self.train.seed
+
+    def __getattr__(self, name: str):
+        # A section's field read by its own name (profile.lr is profile.train.lr), as replace() and a
+        # profile JSON also take them: code and notebooks written before the sections keep working.
+        if name in TRAINING_FIELDS:
+            return getattr(self.train, name)
+        if name in SAE_FIELDS or name in MOVED:
+            return getattr(self.sae, MOVED.get(name, name))
+        raise AttributeError(f"'Profile' has no field {name!r}" + (
+            f"; did you mean {close[0]!r}?" if (close := difflib.get_close_matches(name, field_names(), 1)) else ""))
 
     @property
     def layer(self) -> int:
@@ -304,6 +384,7 @@ class Profile:
         return self.model_name == OFFLINE_MODEL
 
     def to_dict(self) -> dict:
+        """Every field; the sections as nested dicts ({"sae": {...}, "train": {...}})."""
         return dataclasses.asdict(self)
 
     def to_json(self) -> str:
@@ -311,29 +392,54 @@ class Profile:
 
     @classmethod
     def from_dict(cls, values: dict) -> Profile:
-        unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
-        renamed = [f"{old} is now {RENAMED[old]}" for old in sorted(unknown & set(RENAMED))]
-        if renamed:
-            raise ValueError("renamed profile field(s): " + "; ".join(renamed))
-        if unknown:
-            raise ValueError(f"unknown profile field(s) {sorted(unknown)}; valid fields: {field_names()}")
-        return cls(**values)
+        """A profile from `to_dict`'s form; a section's field may also stand at the top by its own name
+        (a flat profile JSON from before the sections, or a hand-written one): it goes to its section."""
+        if "name" not in values:
+            raise ValueError("a profile needs a name (it becomes its runs/ and figures/ folder)")
+        return Profile(name=values["name"])._with({k: v for k, v in values.items() if k != "name"})
 
     @classmethod
     def from_json(cls, text: str) -> Profile:
         return cls.from_dict(json.loads(text))
 
     def replace(self, **overrides) -> Profile:
-        """A copy with some fields changed; unknown field names are an error listing valid ones."""
-        return Profile.from_dict({**self.to_dict(), **overrides})
+        """A copy with some fields changed, section fields by their own names too (replace(lr=3e-4,
+        architecture="topk") sets train.lr and sae.architecture); an unknown name says which was meant."""
+        return self._with(overrides)
+
+    def _with(self, values: dict) -> Profile:
+        values = dict(values)
+        renamed = [f"{old} is now {RENAMED[old]}" for old in sorted(set(values) & set(RENAMED))]
+        if renamed:
+            raise ValueError("renamed profile field(s): " + "; ".join(renamed))
+        top = {f.name for f in dataclasses.fields(Profile)}
+        unknown = [n for n in values if n not in top and n not in TRAINING_FIELDS and n not in SAE_FIELDS
+                   and n not in MOVED]
+        if unknown:
+            hints = [_did_you_mean(u, field_names()) for u in unknown]
+            listing = "" if all("did you mean" in h for h in hints) else \
+                f"; valid fields: {field_names()}"
+            raise ValueError(f"unknown profile field(s) {', '.join(hints)}{listing}")
+        sections = {}
+        for name, section in (("sae", self.sae), ("train", self.train)):
+            given = values.pop(name, None)
+            if isinstance(given, dict):
+                section = section.replace(**given)
+            elif given is not None:
+                section = given
+            sections[name] = section
+        flat = {n: values.pop(n) for n in list(values) if n in TRAINING_FIELDS}
+        sections["train"] = sections["train"].replace(**flat) if flat else sections["train"]
+        flat = {MOVED.get(n, n): values.pop(n) for n in list(values) if n in SAE_FIELDS or n in MOVED}
+        sections["sae"] = sections["sae"].replace(**flat) if flat else sections["sae"]
+        return dataclasses.replace(self, **values, **sections)
 
     def banner(self, device: str | None = None) -> str:
         device = device or default_device()
+        sae = (f"the SAE in {self.sae_path} (sae_path; notebook 03 trains its own, not analysed)" if self.sae_path
+               else f"SAE {self.d_in}->{self.d_sae} ({self.sae.architecture}), {self.train.epochs} epochs")
         lines = [f"saelab profile {self.name!r} on {describe_device(device)}: {self.model_name} {self.hook}, "
-                 f"{self.n_texts:,} texts x {self.context_size} tokens, SAE {self.d_in}->{self.d_sae} "
-                 f"({self.architecture}), {self.epochs} epochs"]
-        if self.sae_path:
-            lines.append(f"SAE analysed in notebook 04: {self.sae_path} (sae_path), not notebook 03's")
+                 f"{self.n_texts:,} texts x {self.context_size} tokens, {sae}"]
         if self.is_offline:
             lines.append(f"OFFLINE PROFILE: {self.offline_lm_description} on a locally built corpus. "
                          "Its features are NOT GPT-2 features; use it to learn the workbook and check the "
@@ -351,21 +457,22 @@ class Profile:
 
 
 def field_names() -> list[str]:
-    return [f.name for f in dataclasses.fields(Profile)]
+    """Every name a profile takes: its own fields, then its sections' fields (as replace() takes them)."""
+    return [f.name for f in dataclasses.fields(Profile)] + list(SAE_FIELDS) + list(TRAINING_FIELDS)
 
 
 GPT2 = Profile(name="gpt2")
 
 # GPT-2 and OpenWebText on a laptop CPU in minutes: fewer texts, fewer epochs.
-QUICK = dataclasses.replace(
-    GPT2, name="quick", n_texts=2_000, epochs=5, mae_texts=500, capture_batch_size=16,
+QUICK = GPT2.replace(
+    name="quick", n_texts=2_000, epochs=5, mae_texts=500, capture_batch_size=16,
     synth_samples=50_000, synth_epochs=10, synth_l1_coefficients=(1e-4, 3e-4, 1e-3), synth_topk_ks=(4, 8, 16),
 )
 
 # No network: a 64-wide random GPT-2-architecture model, corpus and tokenizer built from
 # what is installed. Sized so every notebook runs in CI in seconds.
-OFFLINE = dataclasses.replace(
-    GPT2, name="offline", model_name=OFFLINE_MODEL, dataset_id=OFFLINE_CORPUS, dataset_revision=None,
+OFFLINE = GPT2.replace(
+    name="offline", model_name=OFFLINE_MODEL, dataset_id=OFFLINE_CORPUS, dataset_revision=None,
     d_in=64, n_texts=400, context_size=64, capture_batch_size=16, shard_rows=4_096,
     # 1,024 BPE tokens: the ~375k-token corpus sees each token often enough for a small model to learn it
     # (at 4,096 even a bigram model is only 0.82x the unigram CE, and the model trains ~20% slower)
@@ -378,7 +485,7 @@ OFFLINE = dataclasses.replace(
     # stream (norm ~42) wants a larger λ than the seed's 1e-3; the search starts from these values, near
     # where it ended on this corpus. JumpReLU's thresholds move at most ~lr per Adam step, so they start
     # near where they should end (θ 2).
-    target_l0=32.0, l1_coefficient=3e-2, l0_coefficient=3e-2, jumprelu_bandwidth=2.0, jumprelu_init_threshold=2.0,
+    target_l0=32.0, l1_coefficient=3e-2, l0_coefficient=3e-2, bandwidth=2.0, init_threshold=2.0,
     dashboard_features=12,  # committed under figures/offline/dashboards: a dozen pages show the format
     # The offline model and SAE are tiny (width 64): intra-op threads cost more than they give there
     # (measured on a shared 2-core CPU: 2 threads made notebook 03's training and CE evaluation 5-10x slower).
@@ -394,8 +501,8 @@ OFFLINE = dataclasses.replace(
 # What `make test` runs the notebooks with: the offline pipeline at a smaller setting, so the tests stay fast
 # while `make workbook` (profile offline) trains for real. Same data, model and hook; shorter training
 # (L0 still matched by the search, not converged: notebook 03 says so) and a smaller notebook 05.
-OFFLINE_TEST = dataclasses.replace(
-    OFFLINE, name="offline-test", epochs=5, lr=4e-3,
+OFFLINE_TEST = OFFLINE.replace(
+    name="offline-test", epochs=5, lr=4e-3,
     synth_samples=4_096, synth_epochs=20, synth_seeds=(0, 1),
 )
 

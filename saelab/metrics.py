@@ -1,39 +1,49 @@
 """Evaluation metrics as small pure functions; each docstring is the formula.
 
 Shapes: x, x_hat (tokens, d_in); h (tokens, d_sae). `ce_loss_recovered` takes the language model
-as an argument (it never imports one), so this module stays on floor 1. Devices follow
+as an argument (it never imports one), so this module stays in the core. Devices follow
 saelab.devices: each function runs where the module it is given lives.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 
 from saelab.devices import accumulator_dtype, device_of, module_on
 
 
-def l0(h: torch.Tensor) -> torch.Tensor:
-    """Mean over tokens of the number of non-zero latents:  E_tokens ||h||_0."""
-    return torch.count_nonzero(h, dim=-1).float().mean()
+class Sums(NamedTuple):
+    """Sums over tokens from which every reconstruction metric here is derived (`from_sums`): the
+    evaluation, the training loop's logs and the tests all start from these. Add two with `+`."""
+
+    sse: torch.Tensor  # () sum over tokens of ||x - x_hat||^2
+    x_sq: torch.Tensor  # () sum of ||x||^2
+    x_sum: torch.Tensor  # (d_in,) sum of x
+    l1: torch.Tensor  # () sum of ||h||_1
+    fired: torch.Tensor  # (d_sae,) int64: tokens on which each latent is non-zero
+    tokens: torch.Tensor  # () how many tokens
+
+    def __add__(self, other: Sums) -> Sums:  # type: ignore[override]
+        return Sums(*(a + b for a, b in zip(self, other, strict=True)))
 
 
-def fvu(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
-    """Fraction of variance unexplained  E||x - x_hat||^2 / E||x - E[x]||^2.
+def sums_of(x: torch.Tensor, h: torch.Tensor, sse: torch.Tensor, dtype: torch.dtype = torch.float64) -> Sums:
+    """The `Sums` of one batch: x (tokens, d_in), h (tokens, d_sae), sse = sum ||x - x_hat||^2 (the caller
+    has it: from x_hat, or from a loss). Per-row sums in x's dtype, then `dtype` across rows (float64;
+    `devices.accumulator_dtype` where a device has none): exact enough, and no float64 copy of h."""
+    return Sums(sse.to(dtype), x.pow(2).sum(-1).to(dtype).sum(), x.to(dtype).sum(0), h.abs().sum(-1).to(dtype).sum(),
+                torch.count_nonzero(h, dim=0), torch.tensor(x.shape[0], dtype=dtype, device=x.device))
 
-    Numerator and denominator are each averaged over all tokens, then divided (not a per-token
-    ratio averaged afterwards, which over-weights low-norm tokens). 1 - fvu = explained variance.
+
+def fvu(sse: float, variance: float) -> float:
+    """Fraction of variance unexplained  sum||x - x_hat||^2 / sum||x - E[x]||^2  (NaN when x is constant).
+
+    Numerator and denominator are each summed over all tokens, then divided (not a per-token ratio
+    averaged afterwards, which over-weights low-norm tokens). 1 - fvu = explained variance.
     """
-    return (x - x_hat).pow(2).sum(-1).mean() / (x - x.mean(0)).pow(2).sum(-1).mean()
-
-
-def normalised_mse(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
-    """E||x - x_hat||^2 / E||x||^2: the error relative to reconstructing zero (cf. FVU: the mean)."""
-    return (x - x_hat).pow(2).sum(-1).mean() / x.pow(2).sum(-1).mean()
-
-
-def feature_density(h: torch.Tensor) -> torch.Tensor:
-    """(d_sae,) fraction of tokens on which each latent is non-zero."""
-    return torch.count_nonzero(h, dim=0).float() / h.shape[0]
+    return sse / variance if variance > 0 else float("nan")
 
 
 def dead_fraction(density: torch.Tensor) -> torch.Tensor:
@@ -41,54 +51,55 @@ def dead_fraction(density: torch.Tensor) -> torch.Tensor:
     return (density == 0).float().mean()
 
 
-def dense_fraction(density: torch.Tensor, threshold: float = 0.1) -> torch.Tensor:
+DENSE = 0.1  # a latent firing on more than this share of tokens is dense: too common to be interpretable
+
+
+def dense_fraction(density: torch.Tensor, threshold: float = DENSE) -> torch.Tensor:
     """Share of latents firing on more than `threshold` of tokens (too dense to be interpretable)."""
     return (density > threshold).float().mean()
 
 
-def log10_density(density: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
-    """log10(density + eps) per latent, the x-axis of the usual feature-density histogram;
-    dead latents land at log10(eps) = -10."""
-    return torch.log10(density + eps)
+def from_sums(sums: Sums) -> dict:
+    """The metrics, from `Sums` over the evaluated tokens (n of them, d_in wide, d_sae latents):
+
+        l0 = E ||h||_0 = sum(fired) / n          fraction_active = l0 / d_sae
+        mse = sse / (n d_in)  (as loss.reconstruction_mse)       l1 = E ||h||_1  (as loss.l1_penalty)
+        fvu = sse / (x_sq - ||x_sum||^2 / n)     normalised_mse = sse / x_sq  (the error against predicting 0)
+        density = fired / n per latent           dead_fraction, dense_fraction (> DENSE) of latents
+
+    Returns floats, and "density" (d_sae,) float64 on the CPU for the histogram. One host sync.
+    """
+    sse, x_sq, l1, n = torch.stack([sums.sse, sums.x_sq, sums.l1, sums.tokens]).tolist()
+    if n == 0:
+        raise ValueError("no activation rows to evaluate")
+    d_in, d_sae = sums.x_sum.shape[0], sums.fired.shape[0]
+    density = sums.fired.cpu().double() / n
+    variance = x_sq - sums.x_sum.double().pow(2).sum().item() / n  # sum ||x - mean||^2
+    l0 = density.sum().item()
+    return {"l0": l0, "fraction_active": l0 / d_sae, "mse": sse / (n * d_in), "l1": l1 / n,
+            "fvu": fvu(sse, variance), "normalised_mse": sse / x_sq if x_sq > 0 else float("nan"),
+            "dead_fraction": dead_fraction(density).item(), "dense_fraction": dense_fraction(density).item(),
+            "density": density}
 
 
 @torch.no_grad()
 def evaluate_sae(sae, activations: torch.Tensor, batch_size: int = 4096, rows: torch.Tensor | None = None) -> dict:
-    """The activation-only metrics above over `rows` of `activations` (all rows when None), batch by
-    batch (never all of h at once, never a copy of the rows), one host sync at the end. Each is
-    averaged as its one-batch formula: numerator and denominator summed over all tokens, then divided.
-
-    Returns floats l0, fraction_active (l0 / d_sae), mse (as `loss.reconstruction_mse`), l1 (as
-    `loss.l1_penalty`), fvu, normalised_mse, dead_fraction, dense_fraction, and "density" (d_sae,)
-    float64 for the histogram. The training loop's validation metrics come from here too.
-    """
+    """`from_sums` over `rows` of `activations` (all rows when None), batch by batch (never all of h at
+    once, never a copy of the rows), one host sync at the end. The training loop's validation metrics
+    come from here too."""
     device = device_of(sae)  # runs where the SAE lives; the activations come to it batch by batch
     acc = accumulator_dtype(device)  # float64, float32 on MPS
-    sums = torch.zeros(4, dtype=acc, device=device)  # sse, sum ||x||^2, l1 sum, tokens
-    x_sum = torch.zeros(sae.d_in, dtype=acc, device=device)
-    fired = torch.zeros(sae.d_sae, dtype=torch.int64, device=device)
+    total = None
     batches = activations.split(batch_size) if rows is None else (
         activations.index_select(0, part) for part in rows.to(activations.device).split(batch_size))
     for batch in batches:
         x = batch.to(device, torch.float32)  # (batch, d_in)
         x_hat, h = sae(x)  # (batch, d_in), (batch, d_sae)
-        # per-row sums in float32, then float64 across rows: exact enough, and no float64 copy of h
-        rows = torch.tensor(x.shape[0], dtype=acc, device=device)
-        sums += torch.stack([(x - x_hat).pow(2).sum(-1).to(acc).sum(), x.pow(2).sum(-1).to(acc).sum(),
-                             h.abs().sum(-1).to(acc).sum(), rows])
-        x_sum += x.to(acc).sum(0)
-        fired += torch.count_nonzero(h, dim=0)
-    sse, x_sq, l1_sum, n = sums.tolist()
-    if n == 0:
+        sums = sums_of(x, h, (x - x_hat).pow(2).sum(-1).to(acc).sum(), acc)
+        total = sums if total is None else total + sums
+    if total is None:
         raise ValueError("no activation rows to evaluate")
-    density = fired.cpu().double() / n
-    variance = x_sq - x_sum.pow(2).sum().item() / n  # sum ||x - mean||^2
-    l0_mean = density.sum().item()
-    nan = float("nan")
-    return {"l0": l0_mean, "fraction_active": l0_mean / sae.d_sae, "mse": sse / (n * sae.d_in), "l1": l1_sum / n,
-            "fvu": sse / variance if variance > 0 else nan, "normalised_mse": sse / x_sq if x_sq > 0 else nan,
-            "dead_fraction": dead_fraction(density).item(), "dense_fraction": dense_fraction(density).item(),
-            "density": density}
+    return from_sums(total)
 
 
 @torch.no_grad()
@@ -172,14 +183,15 @@ def evaluate(sae, data: torch.Tensor, coefficient: float = 0.0, batch_size: int 
 
 @torch.no_grad()
 def total_variance(data: torch.Tensor, rows: torch.Tensor, chunk: int = 8_192) -> float:
-    """sum over `rows` of data of ||x - mean||^2, in float64, chunk by chunk (no copy of the rows)."""
+    """sum over `rows` of data of ||x - mean||^2 (the denominator of `fvu`), in float64, chunk by chunk (no
+    copy of the rows); two passes (mean, then deviations), so a large mean does not cancel the variance."""
     rows = rows.to(data.device)
     mean = sum(data.index_select(0, part).sum(0, dtype=torch.float64) for part in rows.split(chunk)) / rows.shape[0]
     return sum((data.index_select(0, part).double() - mean).pow(2).sum().item() for part in rows.split(chunk))
 
 
 # nats: below this CE_zero - CE_clean, the ratio above divides by almost nothing (the same cut as
-# compare.describe_architectures uses; offline's random model zero-ablates to ~+0.01 nats)
+# comparison.describe_architectures uses; offline's random model zero-ablates to ~+0.01 nats)
 ILL_CONDITIONED_GAP = 0.05
 
 

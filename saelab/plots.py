@@ -6,13 +6,14 @@ which writes `figures/<profile>/04_name.html` (+ `.png` when a static exporter w
 follow `NN_name`, NN = the notebook that made the figure. This module sits on floor 2: builders
 get numbers, never an SAE run or the analysis (notebooks 03-05 pass their tables in).
 
-HTML files load plotly.js from plotly's CDN (`include_plotlyjs="cdn"`, pinned to the installed
-plotly's bundle version): each file stays small instead of ~4.6 MB, so figures can be committed.
-Offline, a page is never blank: when plotly.js cannot load, it says so and shows the PNG saved
-beside it. Pass `plotlyjs="directory"` to write `plotly.min.js` once beside the figures instead.
-PNGs need kaleido>=1 (a dev extra) and a Chrome/Chromium (Debian: `apt-get install chromium`, or
-`plotly_get_chrome`); without them a one-line warning is printed, and a PNG left from an earlier
-figure is removed rather than left stale beside the new page.
+HTML files load plotly.js from `plotly.min.js`, written once beside them from the installed plotly
+(`include_plotlyjs="directory"`): every page opens offline, from file://, and each stays small. If that
+file is missing, a page says so and shows the PNG saved beside it. `plotlyjs="cdn"` loads it from
+plotly's CDN instead. PNGs need kaleido>=1 (a dev extra) and a Chrome/Chromium, which kaleido does not
+bring: `plotly_get_chrome` downloads one without root; without it a one-line warning names what is
+missing, and a PNG left from an earlier figure is removed rather than left stale beside the new page.
+Figures that must always have an image (the README's) are SVG written here in pure Python
+(`feature_card_svg`): no browser needed.
 
 Files to share are stable across machines: numbers stored in a figure are rounded to
 SIGNIFICANT_DIGITS, and a file whose new text differs from the one on disk only by numbers within
@@ -50,7 +51,19 @@ SIGNIFICANT_DIGITS = 4  # numbers stored in saved figures: what a hover shows, a
 FLOAT_NOISE = 0.01  # a saved file is kept when its numbers all change by less than this, relatively
 PNG_WIDTH = 1000  # px (x2 scale) when the figure sets no width: plotly's 700 squeezes subplots and labels
 FIGURES_LOG = "figures.log"  # runs/<profile>/figures.log: one JSON line per file written, for `make workbook`
-NO_PNG_HINT = "For PNGs: pip install 'kaleido>=1' and install Chrome/Chromium (apt-get install chromium)."
+PLOTLYJS = "plotly.min.js"  # written once into each figures folder: the pages need no network
+
+
+def png_hint() -> str:
+    """What to install for PNGs, from what is missing here (kaleido, or the Chrome it drives)."""
+    try:
+        import kaleido  # noqa: F401
+    except ImportError:
+        return ("For PNGs: pip install 'kaleido>=1', then run plotly_get_chrome (it downloads Chrome for kaleido, "
+                "no root needed); the HTML figures need neither.")
+    return ("For PNGs: kaleido is installed but finds no Chrome/Chromium; run .venv/bin/plotly_get_chrome "
+            "(downloads one for kaleido, no root needed) or set BROWSER_PATH to an installed Chrome; "
+            "the HTML figures need neither.")
 
 
 def _origin(profile: Profile, device: str | None, source: str | None = None) -> str:
@@ -107,7 +120,7 @@ def _write_png(fig: go.Figure, path: Path) -> bool:
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         _png_state["reason"] = f"{type(err).__name__}: {reason[:120]}"
         if not _png_state["warned"]:
-            warnings.warn(f"PNG export unavailable ({_png_state['reason']}); HTML only. {NO_PNG_HINT}",
+            warnings.warn(f"PNG export unavailable ({_png_state['reason']}); HTML only. {png_hint()}",
                           stacklevel=3)
             _png_state["warned"] = True
         return False
@@ -169,9 +182,9 @@ _LOADER = re.compile(r"<script[^>]*\bsrc=\"[^\"]*plotly[^\"]*\.js\"[^>]*></scrip
 def offline_fallback(stem: str) -> str:
     """A script for right after plotly.js' <script src>: if plotly.js did not load (no network), each
     figure's div says so and shows `<stem>.png` (or says that no PNG was saved) instead of a blank page."""
-    message = (f"<p style='font:14px sans-serif;color:#444'>This interactive figure needs plotly.js from "
-               f"cdn.plot.ly, which did not load (no network?). Its static image, {stem}.png, follows; "
-               "open the page online for the interactive figure.</p>")
+    message = (f"<p style='font:14px sans-serif;color:#444'>This interactive figure needs plotly.js ({PLOTLYJS} "
+               f"beside this page, or cdn.plot.ly), which did not load. Its static image, {stem}.png, follows; "
+               f"copy {PLOTLYJS} from the figures folder beside the page for the interactive figure.</p>")
     missing = "No PNG was saved beside this page: saelab makes one only where kaleido finds Chrome."
     image = (f"<img src='{stem}.png' alt='{stem}' style='max-width:100%' "
              f"onerror='this.replaceWith({json.dumps(missing)})'>")
@@ -183,7 +196,7 @@ def offline_fallback(stem: str) -> str:
             "    return Promise.resolve(div);\n  }};\n}</script>")
 
 
-def figure_html(fig: go.Figure, stem: str, plotlyjs: str | bool = "cdn") -> str:
+def figure_html(fig: go.Figure, stem: str, plotlyjs: str | bool = "directory") -> str:
     """The standalone page `save_figure` writes: numbers rounded, a fixed div id (a rerun with the same
     numbers is byte-identical) and, when plotly.js is loaded from a file, the offline fallback."""
     page = pio.to_html(round_numbers(fig.to_plotly_json()), include_plotlyjs=plotlyjs, full_html=True,
@@ -192,7 +205,17 @@ def figure_html(fig: go.Figure, stem: str, plotlyjs: str | bool = "cdn") -> str:
     return page if loader is None else page[:loader.end()] + offline_fallback(stem) + page[loader.end():]
 
 
-def save_figure(fig: go.Figure, profile: Profile, name: str, *, plotlyjs: str = "cdn",
+def write_plotlyjs(directory: Path) -> Path:
+    """`directory`/plotly.min.js, the installed plotly's bundle, (re)written only when missing or different."""
+    from plotly.offline import get_plotlyjs
+
+    path, text = Path(directory) / PLOTLYJS, get_plotlyjs()
+    if not path.is_file() or path.stat().st_size != len(text.encode()) or path.read_text(encoding="utf-8") != text:
+        paths.replace_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    return path
+
+
+def save_figure(fig: go.Figure, profile: Profile, name: str, *, plotlyjs: str = "directory",
                 png: bool = True) -> list[Path]:
     """Write figures/<profile>/<name>.html (+ <name>.png when an exporter works); returns the files
     that now hold this figure (the HTML, then the PNG if there is one).
@@ -200,12 +223,15 @@ def save_figure(fig: go.Figure, profile: Profile, name: str, *, plotlyjs: str = 
     The HTML is left untouched when it already shows this figure up to float noise (and so is its
     PNG); when it is rewritten and no PNG can be made (png=False, or no kaleido/Chrome), an older
     PNG of that name is deleted, so a PNG beside a page always shows the same figure. plotlyjs:
-    "cdn" (default; small files, offline fallback to the PNG), "directory" or True (embedded, ~4.6 MB).
+    "directory" (default: plotly.min.js written once beside the pages, which then open offline), "cdn"
+    (loaded from the network) or True (embedded in the page, ~4.6 MB).
     """
     out = paths.figures_dir(profile)
     out.mkdir(parents=True, exist_ok=True)
     stem = _figure_stem(name)
     page, image = out / f"{stem}.html", out / f"{stem}.png"
+    if plotlyjs == "directory":
+        write_plotlyjs(out)
     rewrote = write_if_changed(page, figure_html(fig, stem, plotlyjs))
     if png and (rewrote or not image.is_file()) and _write_png(fig, image):
         png_status = "written"
@@ -254,9 +280,25 @@ def density_histogram(frequency: np.ndarray, profile: Profile, device: str | Non
 
 
 def readable_axes(fig: go.Figure) -> go.Figure:
-    """Tick labels a reader of a shared figure can read: 0.0008 as 8×10⁻⁴, never plotly's SI '800μ'."""
+    """Tick labels a reader of a shared figure can read: 0.0008 as 8×10⁻⁴, never plotly's SI '800μ'; and on
+    each log axis either labels at powers of ten only, when its data span a decade or more (plotly also
+    labels 2 and 5 between them, which crams a narrow facet until its labels overlap), or, on a narrower
+    one, a label at each value plotted when they are at most 6 integers (k = 2, 3, 4, not 2.5 and 3.5)."""
     fig.update_xaxes(exponentformat="power")
     fig.update_yaxes(exponentformat="power")
+    for letter in "xy":
+        for key in [k for k in fig.layout.to_plotly_json() if k.startswith(f"{letter}axis")]:
+            axis = fig.layout[key]
+            if axis.type != "log":
+                continue
+            ref = letter + key.removeprefix(f"{letter}axis")  # layout "xaxis2" is trace axis "x2"
+            data = [pd.to_numeric(pd.Series(getattr(trace, letter)), errors="coerce") for trace in fig.data
+                    if (getattr(trace, f"{letter}axis", None) or letter) == ref and getattr(trace, letter) is not None]
+            values = sorted({float(v) for column in data for v in column if v > 0})  # NaN > 0 is False
+            if values and values[-1] >= 10 * values[0]:
+                axis.update(dtick=1)
+            elif 0 < len(values) <= 6 and all(v.is_integer() for v in values):  # e.g. k of a TopK sweep
+                axis.update(tickvals=values)
     return fig
 
 
@@ -281,7 +323,7 @@ def training_curves(history: pd.DataFrame, profile: Profile, device: str | None 
                           row=1, col=col)
         fig.update_xaxes(title_text="epoch", row=1, col=col)
         fig.update_yaxes(title_text=y_title, row=1, col=col)
-    fig.update_layout(title=figure_title(f"SAE training ({profile.architecture}, {profile.d_in}->{profile.d_sae})",
+    fig.update_layout(title=figure_title(f"SAE training ({profile.sae.architecture}, {profile.d_in}->{profile.d_sae})",
                                          profile, device), height=420, margin={"t": 120},
                       legend={"orientation": "h", "y": -0.25, "x": 0.5, "xanchor": "center"})
     return readable_axes(fig)
@@ -301,19 +343,6 @@ def architecture_comparison(table: pd.DataFrame, profile: Profile, device: str |
     # labels sit above each point and are ~10 characters wide: room above the highest and beside the outermost
     fig.update_xaxes(range=padded_range(table["l0"], 0.25, 0.25))
     fig.update_yaxes(range=padded_range(table["fvu"], 0.15, 0.45))
-    return readable_axes(fig)
-
-
-def top_features_bar(stats: pd.DataFrame, profile: Profile, device: str | None = None, *,
-                     by: str = "total_activation", n: int = 20) -> go.Figure:
-    """Bar chart of the n features with the largest `by` column (stats indexed by feature)."""
-    top = stats.nlargest(n, by)
-    fig = go.Figure(go.Bar(x=[f"f{i}" for i in top.index], y=top[by], marker_color="#4C78A8",
-                           customdata=top[["frequency", "max_activation"]].to_numpy(),
-                           hovertemplate="%{x}<br>%{y:.4g}<br>freq %{customdata[0]:.3g}"
-                                         "<br>max %{customdata[1]:.3g}<extra></extra>"))
-    fig.update_layout(title=figure_title(f"Top {len(top)} features by {by.replace('_', ' ')}", profile, device),
-                      xaxis_title="feature", yaxis_title=by.replace("_", " "))
     return readable_axes(fig)
 
 
@@ -437,9 +466,12 @@ def lm_training_curve(history: pd.DataFrame, unigram_ce: float, profile: Profile
     baseline (and `bar` x it, the target) as horizontal lines. history: columns tokens, train_loss,
     held_out_loss (as `saelab.data.lm.training_history`)."""
     fig = go.Figure()
-    for column, name in (("held_out_loss", "held-out loss"), ("train_loss", "training loss (mean since last point)")):
-        fig.add_trace(go.Scatter(x=history["tokens"], y=history[column], name=name, mode="lines+markers"))
-    fig.add_hline(y=unigram_ce, line_dash="dash", line_color="#E45756",
+    for column, name, colour in (("held_out_loss", "held-out loss", "#4C78A8"),
+                                 ("train_loss", "training loss (mean since last point)", "#72B7B2")):
+        fig.add_trace(go.Scatter(x=history["tokens"], y=history[column], name=name, mode="lines+markers",
+                                 line={"color": colour}))
+    # the baselines in grey and black, never a loss curve's colour
+    fig.add_hline(y=unigram_ce, line_dash="dash", line_color="#333",
                   annotation_text=f"unigram baseline {unigram_ce:.2f}", annotation_position="top right")
     if bar is not None:
         fig.add_hline(y=bar * unigram_ce, line_dash="dot", line_color="#888",
@@ -460,3 +492,59 @@ def norm_by_position_chart(norms: pd.DataFrame, hook: str, profile: Profile, dev
     fig.update_layout(title=figure_title(f"{hook} norm by position", profile, device), xaxis_title="position",
                       yaxis_title="L2 norm", yaxis_type="log", legend_title_text="over contexts", margin={"t": 110})
     return fig
+
+
+# ---------------------------------------------------------------- an image that needs no browser
+_CHAR_PX = 7.2  # width of one character of 12 px monospace (DejaVu Sans Mono: 0.6 em)
+
+
+def _svg_text(x: float, y: float, text: str, size: int = 12, **attributes) -> str:
+    extra = "".join(f" {k.replace('_', '-')}='{v}'" for k, v in attributes.items())
+    return f"<text x='{x:.1f}' y='{y:.1f}' font-size='{size}'{extra}>{html.escape(text)}</text>"
+
+
+def feature_card_svg(title: str, subtitle: str, examples: list[tuple[list[str], list[float | None], int, float]],
+                     scale: float, caption: str, width: int = 900) -> str:
+    """A feature card as a standalone SVG: title, a line of statistics, and one line per example with each
+    token shaded by activation / scale (as `highlight_tokens`), the example's token boxed. Pure Python, so
+    an image is written wherever the workbook runs (no browser; GitHub shows it in a README).
+
+    examples: (tokens, activations (None = not captured), index of the example's token, activation) each."""
+    line_h, top = 24, 70
+    notes = caption.split(" · ")  # the origin, then the offline note, on lines of their own
+    height = top + line_h * max(len(examples), 1) + 12 + 16 * len(notes)
+    parts = [f"<rect width='{width}' height='{height}' fill='white'/>",
+             _svg_text(12, 24, title, 17, font_weight="bold"), _svg_text(12, 46, subtitle, 12, fill="#444")]
+    for i, (tokens, acts, mark, value) in enumerate(examples):
+        y = top + i * line_h
+        parts.append(_svg_text(12, y + 15, f"{value:.3g}", 11, fill="#555", font_family="monospace"))
+        x = 70.0
+        for j, (token, act) in enumerate(zip(tokens, acts, strict=True)):
+            text = token.replace("\n", "↵").replace(" ", "\u00a0")  # no-break spaces: SVG collapses spaces
+            w = _CHAR_PX * len(text)
+            if x + w > width - 12:
+                parts.append(_svg_text(x, y + 15, "…", 12, fill="#999", font_family="monospace"))
+                break
+            if act is not None and scale > 0 and act > 0:
+                parts.append(f"<rect x='{x:.1f}' y='{y:.1f}' width='{w:.1f}' height='20' "
+                             f"fill='rgb(255,127,14)' fill-opacity='{min(act / scale, 1.0):.2f}'/>")
+            if j == mark:
+                parts.append(f"<rect x='{x:.1f}' y='{y:.1f}' width='{w:.1f}' height='20' fill='none' "
+                             "stroke='#d62728' stroke-width='2'/>")
+            parts.append(_svg_text(x, y + 15, text, 12, font_family="monospace", fill="#999" if act is None else "#222",
+                                   font_weight="bold" if j == mark else "normal"))
+            x += w
+    for i, note in enumerate(notes):
+        parts.append(_svg_text(12, height - 12 - 16 * (len(notes) - 1 - i), note, 11, fill="#666"))
+    return (f"<svg xmlns='http://www.w3.org/2000/svg' width='{width}' height='{height}' "
+            f"viewBox='0 0 {width} {height}' font-family='sans-serif' role='img' aria-label='{html.escape(title)}'>"
+            + "".join(parts) + "</svg>\n")
+
+
+def save_svg(svg: str, profile: Profile, name: str) -> Path:
+    """Write figures/<profile>/<name>.svg (unchanged up to float noise: not rewritten); returns its path."""
+    out = paths.figures_dir(profile)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{_figure_stem(name)}.svg"
+    log_figure(profile, path.name, html="written" if write_if_changed(path, svg) else "kept", png="-")
+    return path

@@ -9,7 +9,14 @@ import pytest
 import torch
 from tiny import tiny_fixture, tiny_tokens_root_fixture  # noqa: F401  (fixtures)
 
-from saelab.features.analysis import logit_attribution, max_activating, top_features, top_logit_tokens, unembedding
+from saelab.features.analysis import (
+    RunningTopK,
+    logit_attribution,
+    max_activating,
+    top_features,
+    top_logit_tokens,
+    unembedding,
+)
 from saelab.sae import SAE, sae_for
 from saelab.store import StoreWriter
 
@@ -247,8 +254,8 @@ def test_notebook_04_analyses_a_folder_saelens_wrote(tiny, tmp_path, monkeypatch
     NotebookClient(notebook, timeout=600, kernel_name="python3",
                    resources={"metadata": {"path": str(ROOT / "notebooks")}}).execute()
     figures = paths.figures_dir(profile)
-    assert len(list((figures / "dashboards").glob("feature_*.html"))) == 3
-    assert "SAE saelens_sae" in (figures / "04_top_features.html").read_text()  # titles name the SAE analysed
+    assert (figures / "dashboards" / "index.html").is_file() and (figures / "04_feature_card.svg").is_file()
+    assert "SAE saelens_sae" in (figures / "04_feature_density.html").read_text()  # titles name the SAE analysed
     assert not paths.sae_dir(profile).exists()  # no notebook-03 SAE was needed
 
 
@@ -277,3 +284,65 @@ def test_max_activating_on_device_equals_cpu_and_leaves_the_sae_where_it_was(tmp
         assert torch.equal(mae.rows, expected.rows) and torch.equal(mae.values, expected.values)
         assert mae.stats.equals(expected.stats)
     assert (expected.rows[:, 1:] >= 0).any()  # features with several examples: the comparison is not vacuous
+
+
+def test_running_top_k_keeps_the_largest_keys_and_their_payloads_whatever_the_chunking():
+    torch.manual_seed(0)
+    keys = torch.randperm(60).reshape(20, 3)  # unique keys, 20 rows x 3 columns
+    payload = keys.float()[..., None] * torch.tensor([1.0, -1.0])  # (rows, columns, 2): travels with each key
+    for chunk in (1, 7, 20):
+        running = RunningTopK(4, 3, torch.device("cpu"), pair=((2,), float("nan")))
+        for start in range(0, 20, chunk):
+            block = slice(start, start + chunk)
+            running.update(keys[block], lambda best, b=block: {"pair": payload[b].gather(
+                0, best[..., None].expand(-1, -1, 2))})
+        expected = keys.topk(4, dim=0).values
+        assert torch.equal(running.keys, expected)
+        assert torch.equal(running.payloads["pair"][..., 0], expected.float())  # each payload beside its key
+        assert torch.equal(running.payloads["pair"][..., 1], -expected.float())
+
+
+def test_token_text_shows_partial_utf8_bytes_instead_of_replacement_characters():
+    from saelab.features.analysis import token_text
+
+    euro = "€".encode()  # b'\xe2\x82\xac': a byte-level BPE may split it into tokens of one or two bytes
+    assert euro[:2] == b"\xe2\x82"  # in GPT-2's byte alphabet 0xe2 is 'â' and 0x82 is 'Ĥ'
+    tokenizer = SimpleNamespace(decode=lambda ids: {0: " €", 1: "\ufffd"}[ids[0]],
+                                convert_ids_to_tokens=lambda ids: [{0: "Ġâ\x82¬", 1: "âĤ"}[ids[0]]])
+    assert token_text(tokenizer, 0) == " €"  # a whole character: decoded as it is
+    assert token_text(tokenizer, 1) == "<0xE2><0x82>"  # GPT-2's alphabet: 'â' is byte 0xe2, 'Ĥ' byte 0x82
+    assert token_text(SimpleNamespace(decode=lambda ids: "\ufffd"), 1) == "\ufffd"  # no vocabulary to read
+
+
+def test_specific_features_rank_sparse_single_token_features_first():
+    from saelab.features.analysis import MAEResult, feature_stats, specific_features
+
+    # 5 features over 1000 tokens, 4 examples each; token ids of the examples' rows are the row numbers // 10
+    frequency = torch.tensor([0.5, 0.01, 0.02, 0.01, 0.0005])  # 0 is dense, 4 too rare
+    counts = (frequency * 1000).long()
+    rows = torch.tensor([[0, 1, 2, 3],      # dense: same token, but out of the band
+                         [10, 11, 20, 30],  # purity 2/4
+                         [40, 41, 42, 43],  # purity 4/4
+                         [50, 51, 52, 60],  # purity 3/4
+                         [70, 71, 72, 73]])  # purity 4/4, too rare
+    max_values = torch.tensor([9.0, 1.0, 2.0, 3.0, 5.0])
+    stats = feature_stats(max_values * counts, counts, max_values, 1000)
+    index = {"token_id": torch.arange(1000) // 10, "position": torch.arange(1000) % 7, "context": torch.arange(1000)}
+    mae = MAEResult(max_values[:, None].expand(-1, 4), rows, stats, index, 1000)
+    ranked = specific_features(mae, n=10)
+    assert ranked.index.tolist() == [2, 3, 1]
+    assert ranked["token_purity"].tolist() == [1.0, 0.75, 0.5]
+    assert specific_features(mae, n=1).index.tolist() == [2]
+    mae.rows[3] = torch.tensor([40, 41, 42, 50])  # feature 3's most common token is now feature 2's
+    assert specific_features(mae, n=10).index.tolist() == [2, 1]  # one feature per token
+    assert specific_features(mae, n=10, one_per_token=False).index.tolist() == [2, 3, 1]
+    with pytest.raises(ValueError, match="band"):
+        specific_features(mae, band=(0.5, 0.1))
+
+
+def test_load_sae_before_notebook_03_says_to_run_it(tmp_path):
+    from saelab.config import OFFLINE
+    from saelab.features.analysis import load_sae
+
+    with pytest.raises(FileNotFoundError, match="run notebook 03_train first"):
+        load_sae(OFFLINE)

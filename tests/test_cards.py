@@ -62,7 +62,9 @@ def test_feature_card_renders_and_checks_its_input(tmp_path):
     page = card._repr_html_()
     assert "Feature 3" in page and "offline" in page and "trained on docstrings" in page
     assert "firing_pct" in page and "frequency" not in page  # one unit per quantity, as the tables
-    assert repr(card).startswith("Feature 3: fires on ") and "top example tokens ' c'" in repr(card)
+    assert repr(card).startswith("Feature 3: fires on ")
+    assert " a b« c»↵" in repr(card)  # a terminal shows each example in its context, the token in «»
+    assert "promoted: ' c'" in repr(card)
     assert card.logits.iloc[0]["token"] == " c"  # feature 3's direction promotes token 3 most
     with pytest.raises(ValueError, match="out of range"):
         feature_card(99, explorer)
@@ -100,3 +102,24 @@ def test_cards_on_device_equal_cpu_and_leave_the_sae_where_it_was(tmp_path, devi
     assert explorer.highlight(2).count("border:2px") == 2  # two examples shown: the comparison is not vacuous
     assert FeatureExplorer(explorer.mae, explorer.sae, explorer.store, contexts, explorer.tokenizer,
                            explorer.profile).device == "cpu"  # no device: where the SAE lives
+
+
+def test_examples_table_prints_each_context_in_a_terminal_and_highlights_it_in_a_notebook(tmp_path):
+    explorer = build(tmp_path, [[1, 2, 3, 2], [4, 2, 1, 5]])
+    table = explorer.table(2)
+    assert table.frame["text"].tolist() == [" b c« b»", " a« b» c"]  # window (2, 1) around (0, 3) and (0, 1)
+    text = repr(table)
+    assert "feature 2: top examples" in text and " b c« b»" in text and "trained on docstrings" in text
+    assert table._repr_html_().count("border:2px") == 2
+    with pytest.raises(ValueError, match="out of range"):
+        explorer.table(6)
+
+
+def test_card_svg_shows_each_top_example_in_context(tmp_path):
+    import xml.etree.ElementTree as ET
+
+    explorer = build(tmp_path, [[1, 2, 3, 2], [4, 2, 1, 5]])
+    svg = explorer.svg(2, note="ranked by token purity")
+    texts = [t.text for t in ET.fromstring(svg).iter("{http://www.w3.org/2000/svg}text")]
+    assert "Feature 2: top 2 examples in context" in texts and any("ranked by token purity" in t for t in texts)
+    assert svg.count("stroke='#d62728'") == 2 and texts.count("\u00a0b") == 3  # " b c« b»" and " a« b» c"

@@ -14,7 +14,7 @@ from saelab.studies.synthetic import make_synthetic
 from saelab.train import comparison
 
 PROFILE = OFFLINE.replace(name="cmp", d_in=8, expansion_factor=4, epochs=10, batch_size=64, lr=1e-2,
-                          l1_coefficient=0.01, l0_coefficient=0.01, target_l0=4.0, topk_k=2)
+                          l1_coefficient=0.01, l0_coefficient=0.01, target_l0=4.0, k=2)
 
 
 def test_next_probe_follows_the_power_law_through_two_probes():
@@ -36,7 +36,7 @@ def test_search_reaches_the_target_and_caches_it(monkeypatch):
     monkeypatch.setattr(comparison, "probe_l0", fake_probe)
     x = torch.randn(200, 8)
     matched = comparison.match_l0(PROFILE, x, architectures=("tied", "jumprelu", "topk"), progress=False)
-    assert matched["topk"] == {"topk_k": 4}  # k is the target itself: no search
+    assert matched["topk"] == {"k": 4}  # k is the target itself: no search
     for architecture, field in (("tied", "l1_coefficient"), ("jumprelu", "l0_coefficient")):
         value = matched[architecture][field]
         assert abs(8 * value ** -0.7 / 4.0 - 1) <= comparison.SEARCH_TOLERANCE

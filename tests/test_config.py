@@ -6,14 +6,25 @@ import threading
 import pytest
 
 from saelab import config
-from saelab.config import GPT2, OFFLINE, QUICK, Profile, field_names, load_profile
+from saelab.config import (
+    GPT2,
+    OFFLINE,
+    QUICK,
+    TRAINING_FIELDS,
+    Profile,
+    SAEConfig,
+    TrainConfig,
+    field_names,
+    load_profile,
+)
 
 
 def test_gpt2_profile_is_the_seed_table():
     assert (GPT2.model_name, GPT2.hook, GPT2.n_texts, GPT2.context_size) == \
         ("gpt2", "blocks.6.hook_resid_pre", 20_000, 128)
-    assert (GPT2.d_in, GPT2.d_sae, GPT2.architecture, GPT2.l1_coefficient) == (768, 6144, "tied", 1e-3)
-    assert (GPT2.lr, GPT2.batch_size, GPT2.epochs) == (1e-3, 512, 100)
+    assert (GPT2.d_in, GPT2.d_sae, GPT2.sae.architecture, GPT2.train.l1_coefficient) == (768, 6144, "tied", 1e-3)
+    assert (GPT2.train.lr, GPT2.train.batch_size, GPT2.train.epochs) == (1e-3, 512, 100)
+    assert GPT2.train == TrainConfig() and GPT2.sae == SAEConfig()  # the sections' defaults are the seed's
     assert (GPT2.mae_texts, GPT2.mae_top_k, GPT2.mae_top_features) == (5_000, 5, 20)
     assert GPT2.layer == 6
 
@@ -25,7 +36,9 @@ def test_json_round_trip(profile):
 
 def test_profiles_are_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
-        GPT2.epochs = 1
+        GPT2.train = TrainConfig(epochs=1)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        GPT2.train.epochs = 1
 
 
 def test_explicit_name_beats_environment(monkeypatch):
@@ -39,14 +52,39 @@ def test_unknown_profile_lists_valid_names():
         load_profile("gtp2")
 
 
-def test_unknown_field_lists_valid_fields():
-    with pytest.raises(ValueError, match="unknown profile field.*'epoch'.*valid fields.*'epochs'"):
+def test_a_typo_in_a_field_names_the_one_meant():
+    with pytest.raises(ValueError, match=r"unknown profile field\(s\) 'epoch' \(did you mean 'epochs'\?\)$"):
         load_profile("offline", epoch=3)
+    with pytest.raises(ValueError, match="'zzz'; valid fields: .*'epochs'"):  # nothing close: the list
+        load_profile("offline", zzz=3)
+    with pytest.raises(AttributeError, match="did you mean 'epochs'"):
+        _ = OFFLINE.epoch
+    with pytest.raises(TypeError, match="did you mean 'lr'"):
+        OFFLINE.train.replace(lrr=1.0)
 
 
-def test_overrides_replace_single_fields():
-    profile = load_profile("offline", epochs=2)
-    assert profile.epochs == 2 and profile.d_in == OFFLINE.d_in
+def test_overrides_replace_single_fields_section_fields_by_their_own_name():
+    profile = load_profile("offline", epochs=2, architecture="topk", k=8)
+    assert profile.train.epochs == 2 and profile.d_in == OFFLINE.d_in
+    assert profile.sae == OFFLINE.sae.replace(architecture="topk", k=8)
+    assert profile.train == OFFLINE.train.replace(epochs=2)
+    assert profile.epochs == 2 and profile.k == 8 == profile.topk_k  # reads by the old flat names forward
+
+
+def test_sections_compose_and_train_sae_takes_the_training_section_as_it_is():
+    profile = OFFLINE.replace(train=OFFLINE.train.replace(lr=3e-4), sae={"architecture": "jumprelu"})
+    assert profile.train.lr == 3e-4 and profile.sae.architecture == "jumprelu" and profile.sae.bandwidth == 2.0
+    assert profile.sae.options_for() == {"bandwidth": 2.0, "init_threshold": 2.0}
+    assert profile.sae.options_for("topk") == {"k": 32, "aux_k": 0, "aux_coefficient": 1 / 32}
+    assert profile.seed == profile.train.seed
+
+
+def test_an_old_flat_profile_json_migrates_into_the_sections():
+    nested = OFFLINE.to_dict()
+    flat = {k: v for k, v in nested.items() if k not in ("sae", "train")} | nested["train"] | nested["sae"]
+    flat |= {"topk_k": flat.pop("k"), "jumprelu_bandwidth": flat.pop("bandwidth")}  # names before the sections
+    assert Profile.from_dict(flat) == OFFLINE
+    assert set(nested["train"]) == set(TRAINING_FIELDS) and set(nested["sae"]) == set(config.SAE_FIELDS)
 
 
 @pytest.mark.parametrize("field, value, message", [
@@ -61,7 +99,7 @@ def test_overrides_replace_single_fields():
     ("dtype", "float16", "dtype='float16': choose one of .*bfloat16"),
     ("l0_coefficient", -1.0, "l0_coefficient=-1.0: must be a number >= 0"),
     ("b_dec_init", "median", r"b_dec_init='median': choose one of \('zeros', 'mean', 'geometric_median'\)"),
-    ("ce_eval_contexts", 0, "ce_eval_contexts=0: must be an integer >= 1"),
+    ("ce_eval_contexts", 0, "ce_eval_contexts=0: must be a positive integer"),
     ("aux_k", -4, "aux_k=-4: must be an integer >= 0"),
     ("l1_warm_up_steps", 10.5, "l1_warm_up_steps=10.5: must be an integer >= 0"),
     ("interp_random_directions", -1, r"interp_random_directions=-1: an integer >= 0 \(random directions, 0 = d_sae\)"),
@@ -79,10 +117,8 @@ def test_renamed_fields_say_their_new_name(old, new):
         Profile.from_dict({**GPT2.to_dict(), old: 1})
 
 
-def test_every_training_field_is_a_profile_field():
-    from saelab.config import TRAINING_FIELDS
-
-    assert set(TRAINING_FIELDS) <= set(field_names())
+def test_every_section_field_is_a_name_a_profile_takes():
+    assert set(TRAINING_FIELDS) | set(config.SAE_FIELDS) <= set(field_names())
 
 
 def test_apply_threads_sets_the_profile_count_and_zero_keeps_torch_default():
@@ -100,7 +136,7 @@ def test_apply_threads_sets_the_profile_count_and_zero_keeps_torch_default():
 def test_profile_json_file_loads(tmp_path):
     path = tmp_path / "mine.json"
     path.write_text(OFFLINE.replace(name="mine", epochs=1).to_json())
-    assert load_profile(str(path)).epochs == 1
+    assert load_profile(str(path)).train.epochs == 1
 
 
 def test_offline_banner_says_not_gpt2():
@@ -184,11 +220,21 @@ def test_an_override_may_rename_the_profile():
     assert (profile.name, profile.dataset_id, profile.d_in) == ("gpt2-local", "/data/owt.jsonl", 768)
 
 
+def test_the_banner_names_the_sae_that_notebook_04_analyses():
+    text = OFFLINE.replace(sae_path="/data/saes/gpt2_res_l6").banner("cpu")
+    assert "the SAE in /data/saes/gpt2_res_l6 (sae_path" in text and "SAE 64->512" not in text
+    own = f"SAE 64->{OFFLINE.d_sae} ({OFFLINE.sae.architecture}), {OFFLINE.train.epochs} epochs"
+    assert own in OFFLINE.banner("cpu")
+
+
 def test_make_tests_setting_is_the_offline_pipeline_with_shorter_training():
     """`make test` runs the notebooks with offline-test: the same data, model, hook and SAE shape as
     `make workbook`'s offline, only training and notebook 05 shorter."""
     from saelab.config import OFFLINE_TEST
 
-    changed = {f for f in field_names() if getattr(OFFLINE_TEST, f) != getattr(OFFLINE, f)}
+    def flat(p):  # every setting by its own name, the sections' included
+        return {**p.to_dict(), **p.to_dict()["sae"], **p.to_dict()["train"]}
+
+    changed = {f for f, v in flat(OFFLINE_TEST).items() if v != flat(OFFLINE)[f]} - {"sae", "train"}
     assert changed <= {"name", "epochs", "lr", "synth_samples", "synth_epochs", "synth_seeds"}
     assert OFFLINE_TEST.epochs < OFFLINE.epochs and OFFLINE_TEST.target_l0 == OFFLINE.target_l0 > 0

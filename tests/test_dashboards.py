@@ -110,11 +110,25 @@ def test_pages_are_self_contained_and_show_every_part(tmp_path):
         assert "trained on docstrings" in page  # the offline caption
     page = pages["feature_3.html"]
     assert "<svg" in page and page.count("<rect") == 40  # the histogram, default 40 bins
-    for part in ("Statistics", "fires on", "promoted", "suppressed", "Nearest features", "boxed", "Top activations",
+    for part in ("Statistics", "fires on", "promoted", "suppressed", "Nearest features", "boxed", "Top 3 activations",
                  "Firings 75%–100%", "Firings 0%–25%"):
         assert part in page, part
     top = int((explorer.mae.rows[3] >= 0).sum())
-    assert top < page.count("class='ex'") <= top + 4 * 2  # top examples, then at most per_band per quarter
+    assert top < page.count("<code style=") <= top + 4 * 2  # top examples, then at most per_band per quarter
+    for band in page.split("Firings ")[1:]:  # within a quarter, the strongest example first
+        shown = [float(v) for v in re.findall(r"<code style='[^']*'>([^<]+)</code>", band)]
+        assert shown == sorted(shown, reverse=True)
+
+
+def test_dashboards_leave_the_sae_where_it_was_and_agree_with_the_cpu(tmp_path, device):
+    explorer = build(tmp_path)
+    expected = dashboard_pass(explorer, [0, 3, 5], bins=4, sample=6, progress=False)
+    on_device = FeatureExplorer(explorer.mae, explorer.sae, explorer.store, explorer.contexts, explorer.tokenizer,
+                                explorer.profile, unembed=explorer.unembed, device=device, window=(2, 1))
+    got = dashboard_pass(on_device, [0, 3, 5], bins=4, sample=6, progress=False)
+    assert {p.device.type for p in explorer.sae.parameters()} == {"cpu"}  # encoded on a copy
+    assert torch.equal(got.sample_rows, expected.sample_rows)
+    assert (expected.sample_rows >= 0).any()  # the comparison is not vacuous
 
 
 def test_a_rerun_keeps_unchanged_pages_and_removes_stale_ones(tmp_path):

@@ -1,6 +1,6 @@
 import torch
 
-from saelab.sae.loss import decoder_weighted_l1_penalty, l1_penalty, reconstruction_mse, sae_loss
+from saelab.sae.loss import l1_penalty, reconstruction_mse
 
 X = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
 X_HAT = torch.tensor([[1.0, 0.0], [3.0, 5.0]])  # squared errors: 0, 4, 0, 1
@@ -21,24 +21,11 @@ def test_l1_sums_features_and_averages_batch():
     assert l1_penalty(-H).item() == 3.0
 
 
-def test_decoder_weighted_l1_by_hand():
-    W_dec = torch.tensor([[3.0, 4.0], [1.0, 0.0], [0.0, 0.5]])  # row norms 5, 1, 0.5
-    # rows: 1*5 + 2*0.5 = 6 and 3*0.5 = 1.5 -> mean 3.75
-    assert decoder_weighted_l1_penalty(H, W_dec).item() == 3.75
-
-
-def test_decoder_weighted_l1_equals_l1_for_unit_norm_rows():
-    # the untied architectures hold decoder rows at unit norm, so their plain L1 is SAELens' weighted one
-    W_dec = torch.nn.functional.normalize(torch.randn(3, 2), dim=1)
-    assert torch.isclose(decoder_weighted_l1_penalty(H, W_dec), l1_penalty(H))
-
-
-def test_total_loss_is_mse_plus_lambda_l1():
-    assert torch.isclose(sae_loss(X, X_HAT, H, l1_coefficient=0.1), torch.tensor(5 / 4 + 0.3))
-
-
 def test_saelens_scale_is_d_in_times_ours():
-    # SAELens: sum over d_in, mean over batch. Same optimum with coefficient d_in * λ.
+    # SAELens: sum over d_in, mean over batch, L1 weighted by ||W_dec[f]|| (1 for unit-norm rows).
+    # Same optimum with coefficient d_in * λ.
     d_in, lam = X.shape[1], 0.1
-    saelens = (X_HAT - X).pow(2).sum(-1).mean() + d_in * lam * l1_penalty(H)
-    assert torch.isclose(saelens, d_in * sae_loss(X, X_HAT, H, lam))
+    W_dec = torch.nn.functional.normalize(torch.randn(3, 2), dim=1)
+    saelens = (X_HAT - X).pow(2).sum(-1).mean() + d_in * lam * (H.abs() * W_dec.norm(dim=1)).sum(-1).mean()
+    ours = reconstruction_mse(X, X_HAT) + lam * l1_penalty(H)
+    assert torch.isclose(saelens, d_in * ours)

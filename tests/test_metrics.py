@@ -12,12 +12,10 @@ from saelab.metrics import (
     dense_fraction,
     describe_ce,
     evaluate_sae,
-    feature_density,
+    from_sums,
     fvu,
     hook_mean,
-    l0,
-    log10_density,
-    normalised_mse,
+    sums_of,
 )
 from saelab.sae import SAE, sae_for
 from saelab.sae.loss import l1_penalty, reconstruction_mse
@@ -27,28 +25,40 @@ X_HAT = torch.tensor([[1.0, 0.0], [1.0, 0.0]])  # squared errors per token: 0, 4
 H = torch.tensor([[0.0, 2.0, 0.0, 0.0], [1.0, 3.0, 0.0, 0.0]])
 
 
-def test_l0_by_hand():
-    assert l0(H).item() == 1.5
+def by_hand(x, x_hat, h) -> dict:
+    return from_sums(sums_of(x, h, (x - x_hat).pow(2).sum()))
 
 
-def test_fvu_averages_numerator_and_denominator_separately():
-    assert fvu(X, X_HAT).item() == 4 / 2 / (2 / 2)  # E||x - x_hat||^2 = 2, E||x - mean||^2 = 1
+def test_l0_mse_l1_by_hand():
+    m = by_hand(X, X_HAT, H)
+    assert m["l0"] == 1.5 and m["fraction_active"] == 1.5 / 4
+    assert m["mse"] == 4 / (2 * 2) and m["l1"] == (2 + 1 + 3) / 2
+
+
+def test_fvu_sums_numerator_and_denominator_separately():
+    assert by_hand(X, X_HAT, H)["fvu"] == 4 / 2  # sum ||x - x_hat||^2 = 4, sum ||x - mean||^2 = 2
     x = torch.tensor([[0.0], [10.0]])  # per-token ratios would weight the low-norm token's error far more
     x_hat = torch.tensor([[1.0], [10.0]])
-    assert fvu(x, x_hat).item() == pytest.approx(0.5 / 25)  # per-token ratios: inf
-    assert fvu(x, x).item() == 0.0
+    assert by_hand(x, x_hat, H)["fvu"] == pytest.approx(1 / 50)  # per-token ratios: inf
+    assert by_hand(x, x, H)["fvu"] == 0.0 and math.isnan(fvu(1.0, 0.0))  # constant x: no variance to explain
 
 
 def test_normalised_mse_by_hand():
-    assert normalised_mse(X, X_HAT).item() == pytest.approx(2 / 5)  # E||x||^2 = (1 + 9) / 2
+    assert by_hand(X, X_HAT, H)["normalised_mse"] == pytest.approx(4 / 10)  # sum ||x||^2 = 1 + 9
 
 
 def test_density_dead_dense_by_hand():
-    density = feature_density(H)
+    density = by_hand(X, X_HAT, H)["density"]
     assert density.tolist() == [0.5, 1.0, 0.0, 0.0]
     assert dead_fraction(density).item() == 0.5
     assert dense_fraction(density, threshold=0.6).item() == 0.25
-    assert torch.allclose(log10_density(density), torch.tensor([math.log10(0.5), 0.0, -10.0, -10.0]))
+
+
+def test_sums_add_up_batch_by_batch():
+    halves = sums_of(X[:1], H[:1], (X - X_HAT)[:1].pow(2).sum()) + sums_of(X[1:], H[1:], (X - X_HAT)[1:].pow(2).sum())
+    whole = by_hand(X, X_HAT, H)
+    assert {k: v for k, v in from_sums(halves).items() if k != "density"} == \
+        {k: v for k, v in whole.items() if k != "density"}
 
 
 @pytest.fixture(scope="module")
@@ -135,14 +145,15 @@ def test_evaluate_sae_in_batches_equals_the_one_batch_formulas():
     sae = SAE(4, 6)
     x = torch.randn(10, 4) + 2
     out = sae(x)
-    density = feature_density(out.h)
-    whole = {"l0": l0(out.h), "fvu": fvu(x, out.x_hat), "normalised_mse": normalised_mse(x, out.x_hat),
+    density = torch.count_nonzero(out.h, dim=0).double() / 10
+    whole = {"l0": density.sum(), "fvu": (x - out.x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum(),
+             "normalised_mse": (x - out.x_hat).pow(2).sum() / x.pow(2).sum(),
              "dead_fraction": dead_fraction(density), "dense_fraction": dense_fraction(density),
-             "mse": reconstruction_mse(x, out.x_hat), "l1": l1_penalty(out.h), "fraction_active": l0(out.h) / 6}
+             "mse": reconstruction_mse(x, out.x_hat), "l1": l1_penalty(out.h), "fraction_active": density.sum() / 6}
     batched = evaluate_sae(sae, x, batch_size=3)
     for name, value in whole.items():
         assert batched[name] == pytest.approx(value.item(), rel=1e-5), name
-    assert torch.allclose(batched["density"], density.double())
+    assert torch.allclose(batched["density"], density)
 
 
 @pytest.mark.parametrize("ce, says", [

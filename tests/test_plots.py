@@ -1,7 +1,6 @@
 """Figure builders name profile and device; save_figure writes small HTML, PNG optional."""
 
 import json
-import re
 import shutil
 import subprocess
 import sys
@@ -11,6 +10,7 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 import pytest
+from plotly.subplots import make_subplots
 
 from saelab import paths, plots
 from saelab.config import load_profile
@@ -44,7 +44,12 @@ def test_save_figure_writes_small_html_and_warns_once_without_png(monkeypatch, f
     assert first == [paths.figures_dir(profile) / "04_test.html"]
     assert second == [paths.figures_dir(profile) / "04_again.html"]
     text = first[0].read_text()
-    assert "cdn.plot.ly" in text and first[0].stat().st_size < 50_000  # plotly.js not embedded
+    assert '<script charset="utf-8" src="plotly.min.js">' in text and first[0].stat().st_size < 50_000  # not embedded
+    js = paths.figures_dir(profile) / plots.PLOTLYJS  # shipped once beside the pages: they open offline
+    assert js.stat().st_size > 1_000_000 and "cdn.plot.ly/plotly" not in text
+    before = js.stat().st_mtime_ns
+    plots.save_figure(go.Figure(go.Bar(x=[1], y=[5])), profile, "04_third")
+    assert js.stat().st_mtime_ns == before  # written once, not per figure
     with pytest.raises(ValueError, match="figure name"):
         plots.save_figure(fig, profile, "../escape")
 
@@ -78,12 +83,8 @@ def test_highlight_escapes_text_and_marks_the_max_token():
     assert out.count("border:2px") == 1 and "rgba(255,127,14,1.00);border" in out
 
 
-def test_bar_builders_title_and_order():
+def test_logit_bars_title_and_order():
     profile = load_profile("offline")
-    stats = pd.DataFrame({"total_activation": [1.0, 5.0, 3.0], "frequency": [0.1, 0.2, 0.3],
-                          "max_activation": [1.0, 2.0, 3.0]})
-    fig = plots.top_features_bar(stats, profile, "cpu", n=2)
-    assert list(fig.data[0].x) == ["f1", "f2"] and "profile offline" in fig.layout.title.text
     table = pd.DataFrame({"token": ["a", "b"], "logit": [0.5, -0.2]})
     fig = plots.logit_attribution_bar(table, 3, profile, "cpu")
     assert list(fig.data[0].y) == ["'b'", "'a'"] and "Feature 3" in fig.layout.title.text
@@ -206,8 +207,9 @@ def test_same_up_to_float_noise():
 def test_page_shows_a_message_and_the_png_when_plotly_js_cannot_load():
     profile = load_profile("offline")
     page = plots.save_figure(go.Figure(go.Bar(x=[1], y=[2])), profile, "04_fallback", png=False)[0].read_text()
-    loader, fallback, plot = page.index("cdn.plot.ly"), page.index("if (!window.Plotly)"), page.index("Plotly.newPlot(")
-    assert loader < fallback < plot  # runs after the CDN script failed, before the figure is drawn
+    loader, fallback = page.index("plotly.min.js"), page.index("if (!window.Plotly)")
+    plot = page.index("Plotly.newPlot(")
+    assert loader < fallback < plot  # runs after plotly.min.js failed to load, before the figure is drawn
     assert "did not load" in page and "04_fallback.png" in page and "No PNG was saved" in page
 
 
@@ -242,8 +244,7 @@ def test_a_png_never_stays_beside_a_newer_page(monkeypatch, fresh_png_state):
 def test_offline_page_renders_the_message_and_png_in_chromium(tmp_path):
     profile = load_profile("offline")
     page = plots.save_figure(go.Figure(go.Bar(x=[1], y=[2])), profile, "04_chromium", png=False)[0]
-    # as with no network: the CDN address points nowhere
-    page.write_text(re.sub(r"https://cdn\.plot\.ly/[^\"]+", "http://127.0.0.1:9/plotly.min.js", page.read_text()))
+    (page.parent / plots.PLOTLYJS).unlink()  # a page copied away from its plotly.min.js
     dom = subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom", page.as_uri()],
                          capture_output=True, text=True, timeout=120).stdout
     assert "did not load" in dom and "No PNG was saved" in dom
@@ -256,6 +257,8 @@ def test_lm_training_curve_draws_both_losses_and_the_baselines():
     assert [trace.name for trace in fig.data] == ["held-out loss", "training loss (mean since last point)"]
     assert list(fig.data[0].y) == [6.9, 5.5] and list(fig.data[0].x) == [0, 640]
     assert [shape.y0 for shape in fig.layout.shapes] == [6.0, 4.5]  # unigram, 0.75 x unigram
+    curves = {trace.line.color for trace in fig.data}
+    assert len(curves) == 2 and not curves & {shape.line.color for shape in fig.layout.shapes}  # told apart
     assert "trained on docstrings" in fig.layout.title.text
 
 
@@ -265,3 +268,32 @@ def test_norm_by_position_chart_has_readable_legend_names():
     assert [trace.name for trace in fig.data] == ["mean", "90th percentile", "10th percentile"]
     assert list(fig.data[2].y) == [8.0, 0.5] and fig.layout.legend.title.text == "over contexts"
     assert fig.layout.yaxis.type == "log" and "variable" not in fig.to_json()
+
+
+def test_feature_card_svg_is_valid_xml_with_every_example_and_its_token_boxed():
+    import xml.etree.ElementTree as ET
+
+    examples = [([" a", "<b>", "\n"], [0.5, 2.0, None], 1, 2.0), ([" c", " d"], [1.0, 0.0], 0, 1.0)]
+    svg = plots.feature_card_svg("Feature 7", "fires on 1% of tokens", examples, 2.0, "offline profile")
+    root = ET.fromstring(svg)  # well-formed: a "<b>" token is escaped
+    texts = [t.text for t in root.iter("{http://www.w3.org/2000/svg}text")]
+    assert {"Feature 7", "<b>", "↵", "\u00a0c", "offline profile"} <= set(texts)  # spaces kept as no-break spaces
+    assert svg.count("stroke='#d62728'") == 2  # one boxed token per example
+    assert "fill-opacity='0.25'" in svg and "fill-opacity='1.00'" in svg  # shade = activation / scale
+
+
+def test_readable_axes_label_log_axes_at_powers_of_ten_or_at_each_value():
+    fig = make_subplots(rows=1, cols=3)
+    fig.add_trace(go.Scatter(x=[0.01, 0.03, 0.1, 0.3, 1], y=[1, 2, 3, 4, 5]), row=1, col=1)  # two decades
+    fig.add_trace(go.Scatter(x=[1, 2], y=[10, 1000]), row=1, col=2)
+    fig.add_trace(go.Scatter(x=[2, 3, 4], y=[1, 2, 3]), row=1, col=3)  # k = 2, 3, 4 on a log axis
+    fig.update_xaxes(type="log", row=1, col=1)
+    fig.update_yaxes(type="log", row=1, col=2)
+    fig.update_xaxes(type="log", row=1, col=3)
+    plots.readable_axes(fig)
+    assert fig.layout.xaxis.dtick == 1 and fig.layout.yaxis2.dtick == 1  # the log axes spanning decades
+    assert list(fig.layout.xaxis3.tickvals) == [2, 3, 4] and fig.layout.xaxis3.dtick is None
+    assert fig.layout.xaxis2.dtick is None and fig.layout.yaxis.dtick is None  # linear ones keep plotly's ticks
+    fig = plots.readable_axes(go.Figure(go.Scatter(x=[1.5, 2.7], y=[1, 2])).update_xaxes(type="log"))
+    assert fig.layout.xaxis.tickvals is None and fig.layout.xaxis.dtick is None  # narrow, not integers: plotly's
+    assert fig.layout.xaxis.exponentformat == "power"

@@ -52,7 +52,7 @@ LAYERS = {  # STYLE.md: the core at the root, one room per stage; a room imports
     1: {"paths", "devices", "tables", "sae"},  # pure tensor code and files: no model, no profile
     2: {"config", "metrics", "store", "plots", "workbook"},  # the rest of the core
     3: {"data", "train", "features"},  # notebooks 01-02, 03, 04: each needs only the core
-    4: {"studies"},  # notebooks 05-06: may use every stage
+    4: {"studies", "adhoc"},  # notebooks 05-06 and the one-line ad-hoc calls: may use every stage
 }
 PACKAGE = ROOT / "saelab"
 

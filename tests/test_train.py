@@ -68,8 +68,8 @@ def test_lr_schedules_by_hand():
     cosine = s.replace(lr_scheduler_name="cosineannealing")
     assert lr_at(0, cosine, 11) == 1.0 and lr_at(5, cosine, 11) == pytest.approx(0.5)
     assert lr_at(10, cosine, 11) == pytest.approx(0.0, abs=1e-12)
-    assert lr_at(0, GPT2.replace(lr=1.0, lr_decay_steps=1), 2) == 1.0  # lr_end None = lr / 10
-    assert lr_at(1, GPT2.replace(lr=1.0, lr_decay_steps=1), 2) == pytest.approx(0.1)
+    assert lr_at(0, GPT2.train.replace(lr=1.0, lr_decay_steps=1), 2) == 1.0  # lr_end None = lr / 10
+    assert lr_at(1, GPT2.train.replace(lr=1.0, lr_decay_steps=1), 2) == pytest.approx(0.1)
 
 
 def test_sparsity_warm_up_by_hand():
@@ -173,9 +173,23 @@ def test_a_numpy_array_trains_like_a_tensor():
 
 
 def test_a_typo_in_an_option_names_the_option_meant_and_the_valid_ones():
-    with pytest.raises(TypeError, match=r"unknown option\(s\) 'epoch' \(did you mean 'epochs'\?\); training "
-                                        r"options are \('l1_coefficient'"):
+    with pytest.raises(TypeError, match=r"unknown training setting\(s\) 'epoch' \(did you mean 'epochs'\?\); "
+                                        r"valid: \['l1_coefficient'"):
         train_sae(SAE(8, 16), low_rank_data(n=100), epoch=1)
+
+
+def test_train_sae_takes_a_training_section_as_it_is_and_keywords_replace_its_fields():
+    from saelab.config import OFFLINE, TrainConfig
+
+    data = low_rank_data(n=256)
+    torch.manual_seed(0)
+    by_config = train_sae(SAE(8, 16), data, OFFLINE.train.replace(epochs=1, batch_size=64), progress=False)
+    torch.manual_seed(0)
+    by_keywords = train_sae(SAE(8, 16), data, OFFLINE.train, epochs=1, batch_size=64, progress=False)
+    assert torch.equal(by_config.sae.W_enc, by_keywords.sae.W_enc) and len(by_config.history) == 1
+    with pytest.raises(TypeError, match="a saelab.config.TrainConfig"):
+        train_sae(SAE(8, 16), data, {"epochs": 1})
+    assert TrainConfig().epochs == 100  # no config: the seed's settings
 
 
 def test_a_coefficient_the_architecture_does_not_use_is_refused():
@@ -189,6 +203,16 @@ def test_resume_refuses_other_settings(tmp_path):
     train_sae(SAE(8, 16), data, epochs=1, batch_size=64, progress=False, run_dir=tmp_path)
     with pytest.raises(ValueError, match="lr"):
         train_sae(SAE(8, 16), data, epochs=2, batch_size=64, lr=1e-2, progress=False, run_dir=tmp_path, resume=True)
+
+
+def test_resume_ignores_a_coefficient_the_architecture_does_not_take(tmp_path):
+    from saelab.config import TrainConfig
+
+    data = low_rank_data(n=300)
+    config = TrainConfig(epochs=1, batch_size=64)
+    first = train_sae(SAE(8, 16), data, config, progress=False, run_dir=tmp_path)
+    again = train_sae(SAE(8, 16), data, config.replace(l0_coefficient=0.3), progress=False, run_dir=tmp_path)
+    assert again.history.equals(first.history)  # the finished tied run, whatever jumprelu's λ0 says
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from tqdm import tqdm  # text bars: a saved notebook keeps their last line (tqdm.auto widgets stay at "0%")
 
 from saelab import paths
 from saelab.config import LM_SETTINGS, Profile
@@ -37,6 +36,11 @@ class MAEResult:
     stats: pd.DataFrame  # one row per feature, see `feature_stats`
     index: dict[str, torch.Tensor]  # the store's per-row context, position, token_id
     n_tokens: int  # rows scanned (excluded token ids not counted)
+
+    def head(self, k: int) -> MAEResult:
+        """The same pass with only each feature's k strongest examples (e.g. the seed's 5 of a pass
+        that kept more for the dashboards); statistics and index are shared, not copied."""
+        return MAEResult(self.values[:, :k], self.rows[:, :k], self.stats, self.index, self.n_tokens)
 
 
 def _keys(h: torch.Tensor, first_row: int) -> torch.Tensor:
@@ -83,23 +87,47 @@ def feature_stats(totals: torch.Tensor, counts: torch.Tensor, max_values: torch.
     return frame
 
 
-class _Running:
-    """Running top-k keys per feature and the statistics' sums, all kept on the device."""
+class RunningTopK:
+    """Per column, the `k` largest int64 keys seen so far, with payload tensors that travel with them: the
+    one running top-k of saelab's streaming passes (MAE examples; the dashboards' sample of firings).
 
-    def __init__(self, k: int, d_sae: int, device: torch.device):
-        acc = accumulator_dtype(device)  # float64, float32 on MPS (no float64 there)
-        self.k = k
-        self.keys = torch.full((k, d_sae), -1, dtype=torch.int64, device=device)  # -1: no example yet
-        self.totals = torch.zeros(d_sae, dtype=acc, device=device)
-        self.counts = torch.zeros(d_sae, dtype=torch.int64, device=device)
-        self.finite = torch.ones((), dtype=torch.bool, device=device)  # all inputs finite so far
+    keys: (k, columns) int64, descending per column; -1 = nothing kept yet (callers use keys >= 0).
+    payloads: name -> (k, columns, *shape) tensors, the values stored with each key.
+    """
 
-    def update(self, h: torch.Tensor, first_row: int) -> None:
-        """h: (rows, d_sae) activations of store rows first_row, first_row + 1, ..."""
-        self.totals += h.sum(0)  # float32 within a chunk, accumulated in float64 across chunks
-        self.counts += (h > 0).sum(0, dtype=torch.int32)
-        chunk_top = _keys(h, first_row).topk(min(self.k, h.shape[0]), dim=0).values  # (<=k, d_sae)
-        self.keys = torch.cat([self.keys, chunk_top]).topk(self.k, dim=0).values
+    def __init__(self, k: int, columns: int, device: torch.device, **payloads: tuple[tuple[int, ...], float]):
+        """payloads: name=(shape, fill), e.g. windows=((9,), nan): a (k, columns, 9) tensor filled with nan."""
+        self.keys = torch.full((k, columns), -1, dtype=torch.int64, device=device)
+        self.payloads = {name: torch.full((k, columns, *shape), fill, device=device)
+                         for name, (shape, fill) in payloads.items()}
+
+    def update(self, keys: torch.Tensor, payload=None) -> None:
+        """keys: (rows, columns) int64 candidates. payload: a function of the (<=k, columns) row indices of
+        the chunk's best candidates -> {name: (<=k, columns, *shape) tensor}, so a payload is computed for
+        those only. Ties between equal keys never arise when keys are unique (a row number in their bits)."""
+        best = keys.topk(min(self.keys.shape[0], keys.shape[0]), dim=0)  # (<=k, columns)
+        merged = torch.cat([self.keys, best.values]).topk(self.keys.shape[0], dim=0)
+        self.keys = merged.values
+        if self.payloads:
+            extra = payload(best.indices)
+            for name, kept in self.payloads.items():
+                gather = merged.indices.reshape(*merged.indices.shape, *[1] * (kept.dim() - 2))
+                self.payloads[name] = torch.cat([kept, extra[name]]).gather(0, gather.expand_as(kept))
+
+
+@dataclass
+class _Sums:
+    """The statistics' running sums, on the device (float64; float32 on MPS, which has no float64)."""
+
+    totals: torch.Tensor  # (d_sae,) summed activation
+    counts: torch.Tensor  # (d_sae,) int64 tokens where it fired
+    finite: torch.Tensor  # () bool: all inputs finite so far
+
+    @classmethod
+    def zeros(cls, d_sae: int, device: torch.device) -> _Sums:
+        return cls(torch.zeros(d_sae, dtype=accumulator_dtype(device), device=device),
+                   torch.zeros(d_sae, dtype=torch.int64, device=device),
+                   torch.ones((), dtype=torch.bool, device=device))
 
 
 @torch.no_grad()
@@ -133,26 +161,26 @@ def max_activating(sae: SAE, store: ActivationStore, k: int = 5, *, device: str 
         raise ValueError(f"{store.n_rows} rows exceed the 2^32 rows a key can number; split the store")
     device = device_of(sae) if device is None else torch.device(device)
     sae = module_on(sae, device)
-    running, excluded = _Running(k, sae.d_sae, device), torch.tensor(sorted(exclude_token_ids or []))
-    index, first_row, n_tokens = {f: [] for f in INDEX_FIELDS}, 0, 0
-    for shard in tqdm(store.iter_shards(), total=len(store.shard_paths()), desc="MAE", disable=not progress):
+    top, sums = RunningTopK(k, sae.d_sae, device), _Sums.zeros(sae.d_sae, device)
+    excluded = torch.tensor(sorted(exclude_token_ids or []), dtype=torch.int64)
+    index, n_tokens = {f: [] for f in INDEX_FIELDS}, 0
+    for chunk in store.chunks(chunk_rows, device, progress=progress, desc="MAE"):
         for f in INDEX_FIELDS:
-            index[f].append(shard[f])
-        keep = ~torch.isin(shard["token_id"], excluded.to(torch.int64))  # (rows,) on the CPU
+            index[f].append(chunk.index[f])
+        keep = ~torch.isin(chunk.index["token_id"], excluded)  # (rows,) on the CPU
         n_tokens += int(keep.sum())
-        for start in range(0, len(keep), chunk_rows):
-            x = shard["activations"][start:start + chunk_rows].to(device, torch.float32)  # (rows, d_in)
-            running.finite &= torch.isfinite(x).all()  # checked once per shard: no device sync per chunk
-            h = sae.encode(x)  # (rows, d_sae)
-            if not keep[start:start + chunk_rows].all():
-                h[~keep[start:start + chunk_rows].to(device)] = 0.0
-            running.update(h, first_row)
-            first_row += h.shape[0]
-        if not running.finite:
-            raise ValueError(f"non-finite activations in {store.directory}, shard ending at row {first_row}; "
-                             "the capture is corrupt: delete the store and rerun notebook 02")
-    values, rows = (t.t().contiguous().cpu() for t in _unkey(running.keys))  # (d_sae, k)
-    stats = feature_stats(running.totals, running.counts, values[:, 0], n_tokens)
+        sums.finite &= torch.isfinite(chunk.activations).all()  # no device sync per chunk
+        h = sae.encode(chunk.activations)  # (rows, d_sae)
+        if not keep.all():
+            h[~keep.to(device)] = 0.0
+        sums.totals += h.sum(0)  # float32 within a chunk, accumulated in float64 across chunks
+        sums.counts += (h > 0).sum(0, dtype=torch.int32)
+        top.update(_keys(h, chunk.first_row))
+    if not sums.finite:
+        raise ValueError(f"non-finite activations in the store at {store.directory}; "
+                         "the capture is corrupt: delete the store and rerun notebook 02")
+    values, rows = (t.t().contiguous().cpu() for t in _unkey(top.keys))  # (d_sae, k)
+    stats = feature_stats(sums.totals, sums.counts, values[:, 0], n_tokens)
     return MAEResult(values, rows, stats, {f: torch.cat(v) for f, v in index.items()}, n_tokens)
 
 
@@ -163,6 +191,38 @@ def top_features(stats: pd.DataFrame, by: str = "total_activation", n: int = 20)
     if by not in stats.columns:
         raise ValueError(f"unknown column {by!r}; choose one of {list(stats.columns)}")
     return stats.sort_values([by, "feature"], ascending=[False, True], kind="stable").head(n)
+
+
+SPARSE_BAND = (1e-3, 0.05)  # "sparse": fires on 0.1% to 5% of tokens (dense latents fire on > 10%)
+
+
+def specific_features(mae: MAEResult, n: int = 12, *, band: tuple[float, float] = SPARSE_BAND,
+                      one_per_token: bool = True) -> pd.DataFrame:
+    """Features worth showing: sparse and specific, where `top_features` by total activation (the seed's
+    ranking) surfaces dense latents that fire on most tokens.
+
+    Rule: a feature qualifies when its firing frequency lies in `band` (default 0.1%-5% of tokens) and it
+    fired at least as often as the examples kept per feature (so its purity is over a full set); qualified
+    features rank by token purity of their top examples (`token_purity`: share with the most common token),
+    then by max activation, then by id. one_per_token: only the best feature for each most common token,
+    so the list is not twelve variants of one token. Returns the `mae.stats` rows of at most n features,
+    in rank order, with columns top_token_id and token_purity added (fewer rows when few qualify).
+    """
+    low, high = band
+    if not 0 <= low < high <= 1:
+        raise ValueError(f"band={band!r}: a (low, high) range of firing frequencies with 0 <= low < high <= 1")
+    k = mae.rows.shape[1]
+    stats = mae.stats
+    qualified = stats.index[(stats["frequency"] >= low) & (stats["frequency"] <= high) & (stats["n_active"] >= k)]
+    if len(qualified) == 0:
+        return stats.iloc[:0].assign(top_token_id=pd.Series(dtype="int64"), token_purity=pd.Series(dtype=float))
+    alignment = text_alignment(mae, qualified.tolist())
+    table = stats.loc[qualified].assign(top_token_id=alignment["top_token_id"], token_purity=alignment["token_purity"])
+    table = table.sort_values(["token_purity", "max_activation", "feature"], ascending=[False, False, True],
+                              kind="stable")
+    if one_per_token:
+        table = table[~table["top_token_id"].duplicated()]
+    return table.head(n)
 
 
 def load_sae(profile: Profile, device: str | torch.device = "cpu") -> SAE:
@@ -180,6 +240,9 @@ def load_sae(profile: Profile, device: str | torch.device = "cpu") -> SAE:
     if profile.sae_path and not folder.is_dir():
         raise FileNotFoundError(f"sae_path={profile.sae_path!r} is not a folder: give a SAELens-format SAE folder "
                                 f"({CFG_FILENAME} + {WEIGHTS_FILENAME}), e.g. one written by SAELens' save_model")
+    if not profile.sae_path and not (folder / CFG_FILENAME).is_file():
+        raise FileNotFoundError(f"no SAE at {folder} ({CFG_FILENAME} is missing): run notebook 03_train first, "
+                                "or set sae_path in the profile to a SAELens-format SAE folder")
     sae = SAE.load(folder, device=device)  # refuses cfg.json settings it cannot apply (normalize_activations, ...)
     if sae.d_in != profile.d_in:
         raise ValueError(f"{folder} holds an SAE with d_in={sae.d_in}, but profile {profile.name!r} captures "
@@ -232,16 +295,48 @@ def logit_attribution(sae: SAE, unembed: torch.Tensor, feature: int, *, center: 
     return logits - logits.mean()
 
 
+def _byte_of_char() -> dict[str, int]:
+    """GPT-2's byte-level BPE alphabet (Radford et al. 2019, `bytes_to_unicode`): each byte is one printable
+    character in a token's vocabulary string; inverted here, character -> byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+_BYTES = _byte_of_char()
+
+
+def token_text(tokenizer, token_id: int) -> str:
+    """A token as a reader can read it: its decoded text, or, for a byte-level token that is only part of
+    a UTF-8 character (decode gives U+FFFD), the bytes that do not decode written as <0xE2> (the notation
+    of byte-fallback vocabularies), e.g. ' <0xE2><0x80>'."""
+    text = tokenizer.decode([int(token_id)])
+    if "\ufffd" not in text or not hasattr(tokenizer, "convert_ids_to_tokens"):
+        return text
+    piece = tokenizer.convert_ids_to_tokens([int(token_id)])[0]
+    if not isinstance(piece, str) or any(c not in _BYTES for c in piece):
+        return text
+    text = bytes(_BYTES[c] for c in piece).decode("utf-8", errors="surrogateescape")  # bad byte b -> U+DC00 + b
+    return "".join(f"<0x{ord(c) - 0xDC00:02X}>" if 0xDC80 <= ord(c) <= 0xDCFF else c for c in text)
+
+
 def top_logit_tokens(logits: torch.Tensor, tokenizer, n: int = 10) -> pd.DataFrame:
     """The n most promoted and n most suppressed tokens of a (d_vocab,) `logits` vector (as
     `logit_attribution`): a DataFrame of 2n rows, promoted first (largest logit first), then
     suppressed (most negative first), equal logits by token id; columns token_id, token
-    (tokenizer.decode), logit, effect. The same on every device (a stable sort on the CPU, not topk)."""
+    (`token_text`: partial UTF-8 bytes escaped), logit, effect. The same on every device (a stable
+    sort on the CPU, not topk)."""
     n = min(n, len(logits))
     logits = logits.detach().float().cpu()
     up, down = logits.sort(descending=True, stable=True), (-logits).sort(descending=True, stable=True)
     ids = torch.cat([up.indices[:n], down.indices[:n]]).tolist()
-    return pd.DataFrame({"token_id": ids, "token": [tokenizer.decode([i]) for i in ids],
+    return pd.DataFrame({"token_id": ids, "token": [token_text(tokenizer, i) for i in ids],
                          "logit": torch.cat([up.values[:n], -down.values[:n]]).tolist(),
                          "effect": ["promoted"] * n + ["suppressed"] * n})
 
@@ -293,7 +388,7 @@ def text_alignment(mae: MAEResult, features, tokenizer=None) -> pd.DataFrame:
                           "position_spread": position_spread(rows, mae.index["position"]).numpy(),
                           "examples": (rows >= 0).sum(1).numpy()}, index=pd.Index(features.tolist(), name="feature"))
     if tokenizer is not None:
-        frame.insert(1, "top_token", [tokenizer.decode([t]) if t >= 0 else "" for t in top_token])
+        frame.insert(1, "top_token", [token_text(tokenizer, t) if t >= 0 else "" for t in top_token])
     return frame
 
 

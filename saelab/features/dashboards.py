@@ -1,10 +1,12 @@
 """Feature dashboards: one static HTML page per feature and an index to browse them (notebook 04).
 
-    features = analysis.top_features(mae.stats, n=profile.dashboard_features).index.tolist()
-    index = dashboards.write_dashboards(explorer, features, paths.figures_dir(profile) / "dashboards")
+    features = analysis.specific_features(mae, profile.dashboard_features).index.tolist()
+    index = dashboards.write_dashboards(explorer, features, paths.figures_dir(profile) / "dashboards",
+                                        ranking="token purity among sparse features")
 
-A page holds the feature's statistics, its activation histogram, examples from several activation
-quantiles (not only the top ones) with their contexts shaded token by token under a legend, the
+A page holds the feature's statistics, its activation histogram, its top examples (all that the MAE pass
+kept: run it with k >= TOP_EXAMPLES) and examples from each activation quartile, strongest first, with
+their contexts shaded token by token under a legend (`cards.example_html`), the
 tokens its decoder direction promotes and suppresses, and its nearest features by decoder cosine
 (after the sae_vis / Neuronpedia dashboards). Pages are self-contained (inline CSS and SVG, no
 script, no link off the folder): they open from file:// with no network.
@@ -28,12 +30,13 @@ import torch
 from tqdm import tqdm  # text bars: a saved notebook keeps their last line
 
 from saelab import plots
-from saelab.features.analysis import logit_attribution, top_logit_tokens
-from saelab.features.cards import FeatureExplorer
+from saelab.features.analysis import RunningTopK, logit_attribution, token_text, top_logit_tokens
+from saelab.features.cards import FeatureExplorer, example_html, logit_html
 from saelab.tables import number
 
 _LOW = (1 << 32) - 1  # low 32 bits of a sample key hold the store row
 _M31 = (1 << 31) - 1
+TOP_EXAMPLES = 10  # top examples a dashboard shows (sae_vis shows 10 or more); run max_activating with k >= this
 QUANTILE_BANDS = ((0.75, 1.0), (0.5, 0.75), (0.25, 0.5), (0.0, 0.25))  # shares of a feature's firings
 BAND_COLOURS = ("#d62728", "#ff7f0e", "#2ca02c", "#1f77b4")  # one per band, in the histogram and headings
 
@@ -76,34 +79,6 @@ def _windows(h: torch.Tensor, local: torch.Tensor, context: torch.Tensor, positi
     return torch.where(same, values, torch.nan)
 
 
-def _chunks(context: torch.Tensor, chunk_rows: int):
-    """(start, end) row ranges of at least chunk_rows rows (but the last) that never split a context."""
-    n = len(context)
-    ends = torch.cat([(context[1:] != context[:-1]).nonzero().squeeze(1) + 1, torch.tensor([n])])  # (contexts,)
-    start = 0
-    while start < n:
-        end = start + chunk_rows
-        end = n if end >= n else int(ends[torch.searchsorted(ends, end)])  # the first context end >= end
-        yield start, end
-        start = end
-
-
-class _Sample:
-    """Running uniform sample of each feature's firing rows (largest hash first), with windows."""
-
-    def __init__(self, size: int, n: int, width: int, device: torch.device):
-        self.keys = torch.full((size, n), -1, dtype=torch.int64, device=device)
-        self.values = torch.zeros(size, n, device=device)
-        self.windows = torch.full((size, n, width), torch.nan, device=device)
-
-    def update(self, keys: torch.Tensor, values: torch.Tensor, windows: torch.Tensor) -> None:
-        cat_keys = torch.cat([self.keys, keys])
-        keep = cat_keys.topk(self.keys.shape[0], dim=0).indices  # (size, N)
-        self.keys, self.values = cat_keys.gather(0, keep), torch.cat([self.values, values]).gather(0, keep)
-        width = self.windows.shape[2]
-        self.windows = torch.cat([self.windows, windows]).gather(0, keep[..., None].expand(-1, -1, width))
-
-
 @torch.no_grad()
 def dashboard_pass(explorer: FeatureExplorer, features: list[int], *, bins: int = 40, sample: int = 32,
                    chunk_rows: int = 4096, exclude_token_ids: set[int] | None = None,
@@ -111,9 +86,10 @@ def dashboard_pass(explorer: FeatureExplorer, features: list[int], *, bins: int 
     """One streaming pass over explorer.store for `features`: histograms, a uniform sample of firing
     rows and the context windows of sampled and top examples (see the module docstring).
 
-    Encodes on explorer.device (moving explorer.sae there, in place). bins: histogram bins over
-    [0, max]; sample: rows kept per feature (all of them when it fires less often); chunk_rows:
-    rows encoded at once. exclude_token_ids as in `analysis.max_activating` (pass the same ones).
+    Encodes on explorer.device (the explorer's SAE, or a copy of it there: the caller's SAE is not
+    moved). bins: histogram bins over [0, max]; sample: rows kept per feature (all of them when it
+    fires less often); chunk_rows: rows encoded at once. exclude_token_ids as in
+    `analysis.max_activating` (pass the same ones).
     """
     if not features or len(set(features)) != len(features):
         raise ValueError(f"features={features!r}: give one or more distinct feature ids")
@@ -124,39 +100,35 @@ def dashboard_pass(explorer: FeatureExplorer, features: list[int], *, bins: int 
     if explorer.store.n_rows >= _LOW:
         raise ValueError(f"{explorer.store.n_rows} rows exceed the 2^32 rows a sample key can number; split the store")
     device, mae = torch.device(explorer.device), explorer.mae
-    sae = explorer.sae.to(device).eval()
+    sae = explorer.sae_on_device()
     feats = torch.tensor(features, device=device)
     n, width = len(features), sum(explorer.window) + 1
     maxes = mae.values[features, 0].to(device)  # (N,) from the MAE pass
     counts = torch.zeros(n * bins, dtype=torch.int64, device=device)
     top_rows = mae.rows[features].to(device)  # (N, k)
     top_windows = torch.full((*top_rows.shape, width), torch.nan, device=device)  # (N, k, W)
-    running = _Sample(sample, n, width, device)
-    excluded, first_row = torch.tensor(sorted(exclude_token_ids or []), dtype=torch.int64), 0
-    for shard in tqdm(explorer.store.iter_shards(), total=len(explorer.store.shard_paths()), desc="dashboards",
-                      disable=not progress):
-        keep = ~torch.isin(shard["token_id"], excluded)
-        for start, end in _chunks(shard["context"], chunk_rows):
-            h = sae.encode(shard["activations"][start:end].to(device, torch.float32))[:, feats]  # (R, N)
-            h[~keep[start:end].to(device)] = 0.0
-            context, position = (shard[f][start:end].to(device) for f in ("context", "position"))
-            fired = h > 0
-            bin_of = (h / maxes.clamp_min(1e-30) * bins).long().clamp_(0, bins - 1)  # (R, N)
-            counts += torch.bincount((bin_of + torch.arange(n, device=device) * bins)[fired], minlength=n * bins)
-            rows = torch.arange(first_row, first_row + len(h), device=device)
-            keys = torch.where(fired, (hash_rows(rows, feats) << 32) | rows[:, None], -1)
-            top = keys.topk(min(sample, len(h)), dim=0)  # (s, N)
-            running.update(top.values, h.gather(0, top.indices), _windows(h, top.indices, context, position,
-                                                                          explorer.window))
-            local = top_rows - first_row  # (N, k): the MAE top examples that lie in this chunk
-            here = (top_rows >= 0) & (local >= 0) & (local < len(h))
-            found = _windows(h, local.clamp(0, len(h) - 1).t(), context, position, explorer.window)  # (k, N, W)
-            top_windows = torch.where(here[..., None], found.transpose(0, 1), top_windows)
-            first_row += len(h)
+    running = RunningTopK(sample, n, device, values=((), 0.0), windows=((width,), torch.nan))
+    excluded = torch.tensor(sorted(exclude_token_ids or []), dtype=torch.int64)
+    for chunk in explorer.store.chunks(chunk_rows, device, whole_contexts=True, progress=progress, desc="dashboards"):
+        h = sae.encode(chunk.activations)[:, feats]  # (R, N)
+        h[torch.isin(chunk.index["token_id"], excluded).to(device)] = 0.0  # excluded tokens never fire
+        context, position = (chunk.index[f].to(device) for f in ("context", "position"))
+        fired = h > 0
+        bin_of = (h / maxes.clamp_min(1e-30) * bins).long().clamp_(0, bins - 1)  # (R, N)
+        counts += torch.bincount((bin_of + torch.arange(n, device=device) * bins)[fired], minlength=n * bins)
+        rows = torch.arange(chunk.first_row, chunk.first_row + len(h), device=device)
+        keys = torch.where(fired, (hash_rows(rows, feats) << 32) | rows[:, None], -1)
+        running.update(keys, lambda best, h=h, context=context, position=position: {
+            "values": h.gather(0, best), "windows": _windows(h, best, context, position, explorer.window)})
+        local = top_rows - chunk.first_row  # (N, k): the MAE top examples that lie in this chunk
+        here = (top_rows >= 0) & (local >= 0) & (local < len(h))
+        found = _windows(h, local.clamp(0, len(h) - 1).t(), context, position, explorer.window)  # (k, N, W)
+        top_windows = torch.where(here[..., None], found.transpose(0, 1), top_windows)
     rows = torch.where(running.keys >= 0, running.keys & _LOW, -1)
     edges = torch.stack([torch.linspace(0, float(m), bins + 1) for m in maxes.cpu()])
-    return DashboardData(list(features), counts.view(n, bins).cpu(), edges, rows.t().cpu(), running.values.t().cpu(),
-                         running.windows.transpose(0, 1).cpu(), top_windows.cpu(), explorer.window)
+    return DashboardData(list(features), counts.view(n, bins).cpu(), edges, rows.t().cpu(),
+                         running.payloads["values"].t().cpu(), running.payloads["windows"].transpose(0, 1).cpu(),
+                         top_windows.cpu(), explorer.window)
 
 
 def quantile_values(histogram: torch.Tensor, edges: torch.Tensor, qs) -> list[float]:
@@ -179,8 +151,6 @@ nav a{margin-right:1em} .origin{color:#666;font-size:12px} h2{font-size:17px;mar
 .grid{display:grid;grid-template-columns:repeat(auto-fit,minmax(320px,1fr));gap:1em 2.5em}
 table{border-collapse:collapse} td,th{padding:2px 8px;text-align:right;border-bottom:1px solid #eee}
 td:first-child,th:first-child,.index td:nth-child(2){text-align:left}
-.ex{margin:2px 0;white-space:nowrap;overflow-x:auto}
-.ex code{display:inline-block;width:5.5em;color:#555} .ex .at{color:#999;font-size:11px;margin-right:.5em}
 .swatch{display:inline-block;width:.9em;height:.9em;vertical-align:middle;margin-right:.3em}
 .legend span{margin-right:1.2em}"""
 
@@ -223,46 +193,43 @@ def _legend(scale: float) -> str:
 
 
 def _example(explorer: FeatureExplorer, row: int, value: float, window: torch.Tensor, scale: float) -> str:
-    """One example line: its activation, where it is, and its context window shaded."""
+    """One example line (`cards.example_html`): its activation, where it is, and its context window shaded."""
     index = explorer.mae.index
     context, position, token = (int(index[f][row]) for f in ("context", "position", "token_id"))
-    ids = explorer._context_ids(context)
-    if ids[position] != token:
-        raise ValueError(f"context {context} position {position} holds token {ids[position]}, the store says "
-                         f"{token}: the token data changed after capture; rerun notebook 02")
+    span, tokens = explorer.span(context, position, token)
     before = explorer.window[0]
-    span = range(max(position - before, 0), min(position + explorer.window[1] + 1, len(ids)))
     acts = [None if torch.isnan(window[p - position + before]) else float(window[p - position + before]) for p in span]
-    body = plots.highlight_tokens([explorer.tokenizer.decode([ids[p]]) for p in span], acts, scale,
-                                  mark=position - span.start)
-    return f"<div class='ex'><code>{number(value)}</code><span class='at'>ctx {context}:{position}</span>{body}</div>"
+    return example_html(tokens, acts, scale, position - span.start, value, f"ctx {context}:{position}")
 
 
 def _examples(explorer: FeatureExplorer, data: DashboardData, i: int, per_band: int) -> str:
-    """The top examples, then `per_band` sampled examples from each quantile band of the firings."""
+    """The top examples, then `per_band` sampled examples from each quantile band of the firings, strongest
+    first within a band (as sae_vis orders its quantile groups)."""
     f, scale = data.features[i], float(explorer.mae.values[data.features[i], 0])
     if scale <= 0:
         return "<p><i>This feature never fired on this sample: no examples.</i></p>"
-    parts = [_legend(scale), "<h3>Top activations</h3>"]
-    tops = zip(explorer.mae.rows[f], explorer.mae.values[f], data.top_windows[i], strict=True)
-    parts += [_example(explorer, int(r), float(v), w, scale) for r, v, w in tops if r >= 0]
+    tops = [(int(r), float(v), w) for r, v, w in zip(explorer.mae.rows[f], explorer.mae.values[f],
+                                                        data.top_windows[i], strict=True) if r >= 0]
+    parts = [_legend(scale), f"<h3>Top {len(tops)} activations</h3>"]
+    parts += [_example(explorer, r, v, w, scale) for r, v, w in tops]
     cuts = quantile_values(data.histogram[i], data.edges[i], [0.0, 0.25, 0.5, 0.75, 1.0])
     for (lo, hi), colour in zip(QUANTILE_BANDS, BAND_COLOURS, strict=True):
         low, high = cuts[round(lo * 4)], cuts[round(hi * 4)]
         picked = [j for j in range(data.sample_rows.shape[1]) if data.sample_rows[i, j] >= 0
                   and low <= data.sample_values[i, j] and (data.sample_values[i, j] < high or hi == 1.0)][:per_band]
+        picked.sort(key=lambda j: (-float(data.sample_values[i, j]), int(data.sample_rows[i, j])))
         parts.append(f"<h3><span class='swatch' style='background:{colour}'></span>Firings {lo:.0%}–{hi:.0%} "
-                     f"(activation {number(low)}–{number(high)}): {len(picked)} random examples</h3>")
+                     f"(activation {number(low)}–{number(high)}): {len(picked)} random examples, strongest first</h3>")
         parts += [_example(explorer, int(data.sample_rows[i, j]), float(data.sample_values[i, j]),
                            data.sample_windows[i, j], scale) for j in picked]
     return "\n".join(parts)
 
 
-def _stats(explorer: FeatureExplorer, data: DashboardData, i: int) -> str:
+def _stats(explorer: FeatureExplorer, data: DashboardData, i: int, ranking: str) -> str:
     f = data.features[i]
     row, n_tokens = explorer.mae.stats.loc[f], explorer.mae.n_tokens
     q = quantile_values(data.histogram[i], data.edges[i], [0.25, 0.5, 0.75]) if row["n_active"] else [float("nan")] * 3
-    items = [("rank by total activation", f"{i + 1} of {len(data.features)} shown"),
+    items = [(f"rank by {ranking}", f"{i + 1} of {len(data.features)} shown"),
              ("fires on", f"{number(100 * row['frequency'])}% of tokens ({int(row['n_active']):,} of {n_tokens:,})"),
              ("max activation", number(row["max_activation"])), ("mean when active", number(row["mean_when_active"])),
              ("quartiles when active", " / ".join(number(v) for v in q)),
@@ -272,16 +239,7 @@ def _stats(explorer: FeatureExplorer, data: DashboardData, i: int) -> str:
 
 
 def _logits(explorer: FeatureExplorer, logits: torch.Tensor | None, n: int) -> str:
-    if logits is None:
-        return "<p><i>No unembedding given: pass unembed=analysis.unembedding(lm) to the explorer.</i></p>"
-    table = top_logit_tokens(logits, explorer.tokenizer, n)
-    cells = []
-    for effect in ("promoted", "suppressed"):
-        part = table[table.effect == effect]
-        rows = "".join(f"<tr><td>{html.escape(repr(t))}</td><td>{v:+.3f}</td></tr>"
-                       for t, v in zip(part.token, part.logit, strict=True))
-        cells.append(f"<table><tr><th>{effect}</th><th>logit</th></tr>{rows}</table>")
-    return f"<div style='display:flex;gap:2em'>{''.join(cells)}</div>"
+    return logit_html(None if logits is None else top_logit_tokens(logits, explorer.tokenizer, n))
 
 
 def _neighbours(similar: torch.Tensor, ids: torch.Tensor, shown: set[int]) -> str:
@@ -295,11 +253,12 @@ def _link(feature: int, shown: set[int]) -> str:
 
 
 def write_dashboards(explorer: FeatureExplorer, features: list[int], directory: str | Path, *,
-                     per_band: int = 3, n_logits: int = 8, n_neighbours: int = 8, progress: bool = True,
-                     **pass_options) -> Path:
+                     ranking: str = "total activation", per_band: int = 4, n_logits: int = 8, n_neighbours: int = 8,
+                     progress: bool = True, **pass_options) -> Path:
     """Write `directory`/feature_<id>.html for each feature (in the given order: rank) and
     `directory`/index.html; returns the index's path. One `dashboard_pass` over the store.
 
+    ranking: how `features` were chosen, as the pages say it (e.g. "token purity, sparse features");
     per_band: sampled examples shown from each quarter of the feature's firings; n_logits: tokens
     listed each way; n_neighbours: nearest features by decoder cosine. pass_options go to
     `dashboard_pass` (bins, sample, chunk_rows, exclude_token_ids). Pages whose content changed only
@@ -316,19 +275,19 @@ def write_dashboards(explorer: FeatureExplorer, features: list[int], directory: 
         near = cosine.topk(min(n_neighbours, cosine.shape[1] - 1), dim=1)
     for i, f in enumerate(tqdm(features, desc="pages", disable=not progress)):
         body = _feature_body(explorer, data, i, _neighbours(near.values[i], near.indices[i], set(features)),
-                             per_band, n_logits)
+                             per_band, n_logits, ranking)
         _write(explorer, directory / f"feature_{f}.html", _page(f"Feature {f}", _caption(explorer, f"feature {f}"),
                                                                body))
     for stale in set(directory.glob("feature_*.html")) - {directory / f"feature_{f}.html" for f in features}:
         stale.unlink()  # a page from an earlier run with other top features: never leave it to be browsed
     index = directory / "index.html"
     _write(explorer, index, _page(f"Feature dashboards: {len(features)} features",
-                                  _caption(explorer, "feature dashboards"), _index(explorer, features)))
+                                  _caption(explorer, "feature dashboards"), _index(explorer, features, ranking)))
     return index
 
 
 def _feature_body(explorer: FeatureExplorer, data: DashboardData, i: int, neighbours: str, per_band: int,
-                  n_logits: int) -> str:
+                  n_logits: int, ranking: str) -> str:
     features, f = data.features, data.features[i]
     nav = "".join([f"<nav><a href='index.html'>all {len(features)} features</a>",
                    f"<a href='feature_{features[i - 1]}.html'>← feature {features[i - 1]}</a>" if i else "",
@@ -336,7 +295,7 @@ def _feature_body(explorer: FeatureExplorer, data: DashboardData, i: int, neighb
                    if i + 1 < len(features) else "", "</nav>"])
     logits = None if explorer.unembed is None else logit_attribution(explorer.sae, explorer.unembed, f)
     bands = quantile_values(data.histogram[i], data.edges[i], [0.75, 0.5, 0.25])
-    return (f"{nav}<div class='grid'><div><h2>Statistics</h2>{_stats(explorer, data, i)}</div>"
+    return (f"{nav}<div class='grid'><div><h2>Statistics</h2>{_stats(explorer, data, i, ranking)}</div>"
             f"<div><h2>Activation histogram (tokens where it fires)</h2>"
             f"{histogram_svg(data.histogram[i], data.edges[i], bands)}<p class='origin'>Bars coloured by quarter of "
             "its firings, as the example sections below; hover a bar for its count.</p></div>"
@@ -349,18 +308,18 @@ def _caption(explorer: FeatureExplorer, text: str) -> str:
     return plots.caption(text, explorer.profile, explorer.device)
 
 
-def _index(explorer: FeatureExplorer, features: list[int]) -> str:
+def _index(explorer: FeatureExplorer, features: list[int], ranking: str) -> str:
     stats = explorer.mae.stats
     rows = []
     for rank, f in enumerate(features, start=1):
-        tokens = [explorer.tokenizer.decode([int(explorer.mae.index["token_id"][r])])
+        tokens = [token_text(explorer.tokenizer, int(explorer.mae.index["token_id"][r]))
                   for r in explorer.mae.rows[f][:3] if r >= 0]
         rows.append(f"<tr><td>{rank}</td><td><a href='feature_{f}.html'>feature {f}</a></td>"
                     f"<td>{number(100 * stats.loc[f, 'frequency'])}%</td>"
                     f"<td>{number(stats.loc[f, 'max_activation'])}</td>"
                     f"<td>{number(stats.loc[f, 'mean_when_active'])}</td>"
                     f"<td style='text-align:left'>{html.escape(', '.join(repr(t) for t in tokens))}</td></tr>")
-    return ("<p>The features with the largest total activation on the held-out sample, one page each: "
+    return (f"<p>Features ranked by {html.escape(ranking)} on the held-out sample, one page each: "
             "statistics, activation histogram, examples across the range of activations, logit effect and "
             "nearest features.</p><table class='index'><tr><th>rank</th><th>feature</th><th>fires on</th><th>max</th>"
             f"<th>mean when active</th><th style='text-align:left'>top example tokens</th></tr>{''.join(rows)}</table>")

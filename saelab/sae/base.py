@@ -85,8 +85,8 @@ class SAE(nn.Module):
 
     architecture: ClassVar[str] = ""  # set by @register
     saelens_architecture: ClassVar[str] = "standard"  # the SAELens class this saves as
-    options: ClassVar[dict[str, str]] = {}  # the architecture's options -> the Profile field that sets each
-    sparsity_setting: ClassVar[str | None] = None  # the Profile field of the coefficient `loss` takes
+    options: ClassVar[tuple[str, ...]] = ()  # the keyword options it takes, each a field of saelab.config.SAEConfig
+    sparsity_setting: ClassVar[str | None] = None  # the TrainConfig field of the coefficient `loss` takes
 
     def __new__(cls, *args, **kwargs):
         if cls is SAE:  # SAE(d_in, d_sae) stays the seed's tied SAE, as the README's first example

@@ -9,24 +9,7 @@ import torch
 from torch import nn
 
 from saelab.sae.base import Losses, UntiedSAE, losses_of, register
-from saelab.sae.loss import l0_penalty, reconstruction_mse, rectangle
-
-
-class _JumpReLU(torch.autograd.Function):
-    """pre * H(pre - θ) forward; backward: to pre where it passed, to θ through the straight-through
-    estimator -(θ/ε) K((pre - θ)/ε) (Rajamanoharan et al. 2024, eq. 10)."""
-
-    @staticmethod
-    def forward(ctx, pre, threshold, bandwidth):
-        ctx.save_for_backward(pre, threshold)
-        ctx.bandwidth = bandwidth
-        return pre * (pre > threshold)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        pre, threshold = ctx.saved_tensors
-        ste = threshold / ctx.bandwidth * rectangle((pre - threshold) / ctx.bandwidth) * grad_out
-        return (pre > threshold) * grad_out, -ste.sum(0), None
+from saelab.sae.loss import jumprelu, l0_penalty, reconstruction_mse
 
 
 @register("jumprelu")
@@ -35,7 +18,7 @@ class JumpReLUSAE(UntiedSAE):
     `bandwidth` is the width ε of the straight-through estimators' kernel, in activation units."""
 
     saelens_architecture = "jumprelu"
-    options = {"bandwidth": "jumprelu_bandwidth", "init_threshold": "jumprelu_init_threshold"}
+    options = ("bandwidth", "init_threshold")
     sparsity_setting = "l0_coefficient"
 
     def __init__(self, d_in: int, d_sae: int, bandwidth: float = 0.05, init_threshold: float = 0.01, **base):
@@ -51,7 +34,7 @@ class JumpReLUSAE(UntiedSAE):
 
     def loss(self, x, sparsity_coefficient, dead) -> Losses:
         pre = self.pre_activation(x)
-        h = _JumpReLU.apply(pre, self.threshold, self.bandwidth)
+        h = jumprelu(pre, self.threshold, self.bandwidth)
         mse, l0 = reconstruction_mse(x, self.decode(h)), l0_penalty(pre, self.threshold, self.bandwidth)
         return losses_of(mse, l0, mse.new_zeros(()), mse + sparsity_coefficient * l0, h)
 

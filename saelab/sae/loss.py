@@ -3,7 +3,10 @@
 An architecture's `loss` (saelab.sae.relu, .topk, .jumprelu) is a sum of these, so this file says what is
 optimised. The seed's loss is  L = ||x - x_hat||^2 + λ ||h||_1  with λ = 1e-3, where, as in
 Cunningham et al.'s code (`(x_hat - x).pow(2).mean()`), the squared error is averaged over batch
-*and* d_in, and the L1 norm is summed over features and averaged over the batch.
+*and* d_in, and the L1 norm is summed over features and averaged over the batch. SAELens sums the
+squared error over d_in instead, so its loss is d_in times ours: the same optimum there needs
+l1_coefficient_saelens = d_in · λ (GPT-2: 768 · 1e-3 = 0.768; SAELens also weights each latent's L1 by
+||W_dec[f]||, which is 1 here: every untied architecture holds its decoder rows at unit norm).
 """
 
 from __future__ import annotations
@@ -27,26 +30,6 @@ def l1_penalty(h: torch.Tensor) -> torch.Tensor:
     return h.abs().sum(dim=-1).mean()
 
 
-def decoder_weighted_l1_penalty(h: torch.Tensor, W_dec: torch.Tensor) -> torch.Tensor:
-    """E_batch sum_f |h_f| * ||W_dec[f]||_2  (SAELens' and Anthropic's L1 for untied SAEs: it cannot be
-    dodged by shrinking h and growing the decoder row). The untied architectures hold decoder rows at
-    unit norm, where this equals `l1_penalty`; kept as the reference for that equivalence.
-
-    h: (batch, d_sae), W_dec: (d_sae, d_in) -> scalar.
-    """
-    return (h.abs() * W_dec.norm(dim=1)).sum(dim=-1).mean()
-
-
-def sae_loss(x: torch.Tensor, x_hat: torch.Tensor, h: torch.Tensor, l1_coefficient: float) -> torch.Tensor:
-    """The seed's objective:  reconstruction_mse(x, x_hat) + λ · l1_penalty(h)  (architectures tied, standard).
-
-    SAELens sums the squared error over d_in instead of averaging it, so its loss is d_in times
-    ours; the same optimum there needs l1_coefficient_saelens = d_in · λ (GPT-2: 768 · 1e-3 = 0.768,
-    with unit-norm decoder rows, since SAELens weights the L1 by ||W_dec[f]||).
-    """
-    return reconstruction_mse(x, x_hat) + l1_coefficient * l1_penalty(h)
-
-
 def topk_aux_loss(pre: torch.Tensor, dead: torch.Tensor, residual: torch.Tensor, W_dec: torch.Tensor,
                   aux_k: int) -> torch.Tensor:
     """AuxK (Gao et al. 2024, A.2): reconstruct the main residual e = x - x_hat from the top-k_aux
@@ -65,13 +48,13 @@ def topk_aux_loss(pre: torch.Tensor, dead: torch.Tensor, residual: torch.Tensor,
 
 
 def rectangle(u: torch.Tensor) -> torch.Tensor:
-    """The kernel of the straight-through estimators below: 1 where |u| < 1/2, else 0."""
+    """The kernel of the straight-through estimator below: 1 where |u| < 1/2, else 0."""
     return (u.abs() < 0.5).to(u.dtype)
 
 
-class _Step(torch.autograd.Function):
-    """H(pre - θ) forward; backward d/dθ = -(1/ε) K((pre - θ)/ε), and no gradient to pre
-    (Rajamanoharan et al. 2024, eq. 11: the L0 penalty trains the thresholds only)."""
+class _StepSTE(torch.autograd.Function):
+    """H(pre - θ) forward; backward d/dθ = -(1/ε) K((pre - θ)/ε), and no gradient to pre: the one
+    straight-through estimator of JumpReLU (Rajamanoharan et al. 2024, eqs. 10-11)."""
 
     @staticmethod
     def forward(ctx, pre, threshold, bandwidth):
@@ -86,10 +69,19 @@ class _Step(torch.autograd.Function):
         return None, -ste.sum(0), None
 
 
+def jumprelu(pre: torch.Tensor, threshold: torch.Tensor, bandwidth: float) -> torch.Tensor:
+    """pre · H(pre - θ) (batch, d_sae), with gradients H to pre and -(θ/ε) K((pre - θ)/ε) to θ
+    (Rajamanoharan et al. 2024, eq. 10). The second term is 0 forward (H_ste equals the gate) and
+    carries, through the one estimator `_StepSTE`, θ times its gradient to θ."""
+    step = _StepSTE.apply(pre, threshold, bandwidth)
+    gate = step.detach()
+    return pre * gate + threshold.detach() * (step - gate)
+
+
 def l0_penalty(pre: torch.Tensor, threshold: torch.Tensor, bandwidth: float) -> torch.Tensor:
     """E_batch ||h||_0 = mean over batch of the number of latents with pre > θ (JumpReLU's sparsity).
 
     Its gradient reaches only θ, through the straight-through estimator with a rectangle kernel of
     width `bandwidth` (Rajamanoharan et al. 2024, §4). pre: (batch, d_sae), threshold: (d_sae,).
     """
-    return _Step.apply(pre, threshold, bandwidth).sum(dim=-1).mean()
+    return _StepSTE.apply(pre, threshold, bandwidth).sum(dim=-1).mean()

@@ -32,7 +32,7 @@ class TopKSAE(UntiedSAE):
     the residual x - x_hat from their top-aux_k pre-activations; aux_k 0 = a power of two near d_in / 2)."""
 
     saelens_architecture = "topk"
-    options = {"k": "topk_k", "aux_k": "aux_k", "aux_coefficient": "aux_coefficient"}
+    options = ("k", "aux_k", "aux_coefficient")
 
     def __init__(self, d_in: int, d_sae: int, k: int = 32, aux_k: int = 0, aux_coefficient: float = 1 / 32, **base):
         super().__init__(d_in, d_sae, **base)
@@ -66,7 +66,7 @@ class BatchTopKSAE(TopKSAE):
     the batch: h = ReLU(pre) where pre > θ. Saved as SAELens saves it: a JumpReLU with θ for every latent."""
 
     saelens_architecture = "jumprelu"
-    options = TopKSAE.options | {"threshold_lr": "batchtopk_threshold_lr"}
+    options = (*TopKSAE.options, "threshold_lr")
 
     def __init__(self, d_in: int, d_sae: int, k: int = 32, aux_k: int = 0, aux_coefficient: float = 1 / 32,
                  threshold_lr: float = 0.01, **base):

@@ -25,7 +25,7 @@ from saelab.features.analysis import max_activating, text_alignment, top_feature
 from saelab.metrics import evaluate_sae
 from saelab.store import StoreWriter
 from saelab.train import comparison
-from saelab.train.loop import profile_training_options, sae_for_profile, train_sae
+from saelab.train.loop import sae_for_profile, train_sae
 
 
 @torch.inference_mode()
@@ -51,8 +51,8 @@ def twin_sae(profile: Profile, activations: torch.Tensor, device):
     field = comparison.sparsity_field(profile.architecture)
     if not profile.target_l0:
         return _train(profile, activations, device)[0], None
-    if field == "topk_k":
-        return _train(profile.replace(topk_k=max(1, round(profile.target_l0))), activations, device)[0], None
+    if field == "k":
+        return _train(profile.replace(k=max(1, round(profile.target_l0))), activations, device)[0], None
     trained = {}
 
     def probe(value: float) -> float:  # the search's probe, kept in memory (notebook 03's run folders stay)
@@ -67,7 +67,7 @@ def twin_sae(profile: Profile, activations: torch.Tensor, device):
 def _train(profile: Profile, activations: torch.Tensor, device) -> tuple:
     """A fresh SAE for the profile trained on `activations`, and its last validation L0."""
     sae = sae_for_profile(profile, device)
-    history = train_sae(sae, activations, progress=False, **profile_training_options(profile, sae)).history
+    history = train_sae(sae, activations, profile.train, progress=False).history
     return sae, float(history["val_l0"].iloc[-1])
 
 

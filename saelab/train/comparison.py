@@ -39,14 +39,14 @@ SEARCH_FILE = "l0_search.json"  # in paths.run_dir(profile): the search's result
 
 
 def run_name(profile, architecture: str) -> str:
-    return "sae" if architecture == profile.architecture else architecture
+    return "sae" if architecture == profile.sae.architecture else architecture
 
 
 def sparsity_field(architecture: str) -> str | None:
-    """The profile field that sets an architecture's L0: topk_k (architectures with a k), else the
+    """The profile field that sets an architecture's L0: k (architectures with a k), else the
     coefficient its loss takes (l1_coefficient, l0_coefficient); None when it has neither."""
     cls = REGISTRY[architecture]
-    return "topk_k" if "k" in cls.options else cls.sparsity_setting
+    return "k" if "k" in cls.options else cls.sparsity_setting
 
 
 def probe_l0(profile, activations: torch.Tensor, architecture: str, value: float, progress: bool = False) -> float:
@@ -117,7 +117,7 @@ def search_settings(profile, activations: torch.Tensor, architecture: str) -> di
     return {"target_l0": profile.target_l0, "architecture": architecture, "d_sae": profile.d_sae,
             "start": getattr(profile, sparsity_field(architecture)),
             **{f: getattr(profile, f) for f in TRAINING_FIELDS if f not in ("l1_coefficient", "l0_coefficient")},
-            **{f: getattr(profile, f) for f in REGISTRY[architecture].options.values()},
+            **{f: getattr(profile.sae, f) for f in REGISTRY[architecture].options},
             "rows": activations.shape[0],
             "checksum": activations[:: max(1, activations.shape[0] // 1024)].double().sum().item()}
 
@@ -125,7 +125,7 @@ def search_settings(profile, activations: torch.Tensor, architecture: str) -> di
 def match_l0(profile, activations: torch.Tensor, architectures: tuple[str, ...] | None = None,
              progress: bool = True) -> dict[str, dict]:
     """{architecture: profile overrides} that put each architecture (default: all registered) at
-    profile.target_l0: {"topk_k": round(target)} for those with a k, a searched λ or λ0 for the others.
+    profile.target_l0: {"k": round(target)} for those with a k, a searched λ or λ0 for the others.
     target_l0 = 0: no overrides (each keeps the profile's setting). Searches are cached in
     paths.run_dir(profile)/l0_search.json with the settings and data they were made with; a rerun with
     the same ones reads them instead of training again."""
@@ -137,8 +137,8 @@ def match_l0(profile, activations: torch.Tensor, architectures: tuple[str, ...] 
     out = {}
     for architecture in architectures:
         field = sparsity_field(architecture)
-        if field == "topk_k":
-            out[architecture] = {"topk_k": max(1, round(profile.target_l0))}
+        if field == "k":
+            out[architecture] = {"k": max(1, round(profile.target_l0))}
             continue
         settings = search_settings(profile, activations, architecture)
         if cache.get(architecture, {}).get("settings") != settings:

@@ -17,7 +17,7 @@ never sees the language model: notebook 03 reads the activation store into a ten
 
 from __future__ import annotations
 
-import difflib
+import dataclasses
 import math
 import time
 import warnings
@@ -28,10 +28,10 @@ import pandas as pd
 import torch
 from tqdm import tqdm  # text bars: a saved notebook keeps their last line (tqdm.auto widgets stay at "0%")
 
-from saelab.config import GPT2, TRAINING_FIELDS, Profile
-from saelab.devices import canonical, device_of, tf32_matmuls
-from saelab.metrics import evaluate, total_variance
-from saelab.sae import REGISTRY, SAE, sae_for
+from saelab.config import Profile, TrainConfig
+from saelab.devices import accumulator_dtype, canonical, device_of, tf32_matmuls
+from saelab.metrics import evaluate, from_sums, fvu, sums_of, total_variance
+from saelab.sae import SAE, sae_for
 from saelab.train.batching import as_activations, device_batches, epoch_order, to_training_device, train_val_split
 from saelab.train.checkpoint import load_checkpoint, prepare_run_dir, restore_optimizer, save_checkpoint
 from saelab.train.step import RunningStats, Stepper, make_adam
@@ -41,7 +41,7 @@ RESUMABLE_CHANGES = ("epochs", "checkpoint_every", "checkpoint_minutes", "log_ev
 SPARSITY_FIELDS = ("l1_coefficient", "l0_coefficient")  # an architecture's `sparsity_setting` is one of these
 
 
-def lr_at(step: int, s: Profile, total_steps: int) -> float:
+def lr_at(step: int, s: TrainConfig, total_steps: int) -> float:
     """Adam's learning rate for optimizer step `step` (0-based) of `total_steps`: linear warm-up over
     lr_warm_up_steps, then constant or cosine-annealed to lr_end, and a linear decay to lr_end over the
     last lr_decay_steps (SAELens' lr_warm_up_steps, lr_scheduler_name, lr_decay_steps, lr_end)."""
@@ -68,25 +68,23 @@ class TrainResult(NamedTuple):
     history: pd.DataFrame  # one row per finished epoch: train_*, val_*, dead_fraction, lr, tokens
 
 
-def training_settings(sae: SAE, options: dict) -> Profile:
-    """The seed's settings (profile gpt2) with `options` replaced; the Profile validates them."""
-    unknown = sorted(set(options) - set(TRAINING_FIELDS))
-    if unknown:
-        hints = [f"{u!r} (did you mean {close[0]!r}?)" if (close := difflib.get_close_matches(u, TRAINING_FIELDS, 1))
-                 else repr(u) for u in unknown]
-        raise TypeError(f"train_sae got unknown option(s) {', '.join(hints)}; training options are {TRAINING_FIELDS}")
-    other = set(SPARSITY_FIELDS) - {sae.sparsity_setting}
-    wrong = sorted(other & set(options))
+def training_settings(sae: SAE, config: TrainConfig | None, options: dict) -> TrainConfig:
+    """`config` (default: the seed's) with `options` replaced; an option the SAE's architecture does not
+    take (λ for a jumprelu, say) is refused rather than ignored."""
+    wrong = sorted((set(SPARSITY_FIELDS) - {sae.sparsity_setting}) & set(options))
     if wrong:
         raise ValueError(f"{wrong} do not apply to a {sae.architecture} SAE; its sparsity is set by "
                          f"{sae.sparsity_setting or 'its k (no coefficient)'}")
-    return GPT2.replace(**options)
+    config = TrainConfig() if config is None else config
+    if not isinstance(config, TrainConfig):
+        raise TypeError(f"config={config!r}: a saelab.config.TrainConfig (e.g. profile.train), or None for the seed's")
+    return config.replace(**options)
 
 
 class Trainer:
     """One run: the loop, and the state a checkpoint holds to resume it exactly."""
 
-    def __init__(self, sae: SAE, s: Profile, data: torch.Tensor, split, device: torch.device, fingerprint: dict,
+    def __init__(self, sae: SAE, s: TrainConfig, data: torch.Tensor, split, device: torch.device, fingerprint: dict,
                  run_dir: Path | None):
         self.sae, self.s, self.data, self.device, self.run_dir = sae, s, data, device, run_dir
         self.train_rows, self.val_rows = split.train.to(data.device), split.val.to(data.device)
@@ -147,14 +145,12 @@ class Trainer:
 
     def log_step(self, losses, log: RunLog, bar) -> None:
         self.check_finite()
-        x = self.stepper.last_x
-        numbers = torch.stack([losses.total, losses.mse, losses.sparsity, losses.aux,
-                               torch.count_nonzero(losses.h) / x.shape[0], (x - x.mean(0)).pow(2).mean(),
-                               self.stats.dead().float().mean()]).tolist()
-        values = dict(zip(["train/loss", "train/mse", "train/sparsity", "train/aux", "train/l0", "variance",
-                           "train/dead_fraction"], numbers, strict=True))
-        values["train/fvu"] = values["train/mse"] / values.pop("variance")
-        values |= {"lr": self.stepper.last_lr, "sparsity_coefficient": self.stepper.last_sparsity}
+        x = self.stepper.last_x  # (batch, d_in): the batch of this step
+        batch = from_sums(sums_of(x, losses.h, losses.mse * x.numel(), accumulator_dtype(x.device)))
+        numbers = torch.stack([losses.total, losses.sparsity, losses.aux, self.stats.dead().float().mean()]).tolist()
+        values = dict(zip(["train/loss", "train/sparsity", "train/aux", "train/dead_fraction"], numbers, strict=True))
+        values |= {"train/mse": batch["mse"], "train/l0": batch["l0"], "train/fvu": batch["fvu"],
+                   "lr": self.stepper.last_lr, "sparsity_coefficient": self.stepper.last_sparsity}
         log.log(values, step=self.step)
         bar.set_postfix(loss=f"{values['train/loss']:.4g}", l0=f"{values['train/l0']:.1f}")
 
@@ -164,7 +160,7 @@ class Trainer:
         row = {"epoch": self.epoch, "step": self.step, "tokens": self.tokens,
                "train_loss": sums["loss"] / self.batch, "train_mse": sums["sse"] / (sums["rows"] * d_in),
                "train_sparsity": sums["sparsity"] / self.batch, "train_aux": sums["aux"] / self.batch,
-               "train_fvu": sums["sse"] / self.variance if self.variance > 0 else float("nan"),
+               "train_fvu": fvu(sums["sse"], self.variance),
                "dead_fraction": self.stats.dead().float().mean().item()}
         val = evaluate(self.sae, self.data, self.coefficient, rows=self.val_rows)
         row |= {f"val_{k}": v for k, v in val.items()}
@@ -186,7 +182,7 @@ class Trainer:
 
     def state(self) -> dict:
         return {"step": self.step, "epoch": self.epoch, "batch": self.batch, "tokens": self.tokens,
-                "history": self.history, "config": {f: getattr(self.s, f) for f in TRAINING_FIELDS},
+                "history": self.history, "config": dataclasses.asdict(self.s),
                 "data": self.fingerprint}
 
     def checkpoint(self, log: RunLog) -> None:
@@ -204,7 +200,9 @@ class Trainer:
             return False
         saved, current = {**checkpoint.state["config"], **checkpoint.state["data"]}, {**self.state()["config"],
                                                                                        **self.fingerprint}
-        changed = {k: (saved.get(k), v) for k, v in current.items() if k not in RESUMABLE_CHANGES and saved.get(k) != v}
+        unused = set(SPARSITY_FIELDS) - {self.sae.sparsity_setting}  # a coefficient this SAE does not take
+        changed = {k: (saved.get(k), v) for k, v in current.items()
+                   if k not in RESUMABLE_CHANGES and k not in unused and saved.get(k) != v}
         if changed:
             raise ValueError(f"cannot resume {directory}: the run was made with other settings or data {changed} "
                              "(checkpoint, now). Use the same settings to continue it, or start over with "
@@ -219,21 +217,23 @@ class Trainer:
         return True
 
 
-def train_sae(sae: SAE, activations, *, device: str | torch.device | None = None, progress: bool = True,
+def train_sae(sae: SAE, activations, config: TrainConfig | None = None, *,
+              device: str | torch.device | None = None, progress: bool = True,
               run_dir: str | Path | None = None, resume: bool = True, overwrite: bool = False,
               max_steps: int | None = None, run_name: str | None = None, run_config: dict | None = None,
               tf32: bool | None = None, **options) -> TrainResult:
     """Train `sae` **in place** on `activations` ((rows, d_in) tensor or numpy array) and return
     TrainResult(sae, history): the same SAE object, on the training device, and one row per epoch.
 
-    options: the training settings of saelab.config.TRAINING_FIELDS, defaulting to the seed's
-    (epochs=100, batch_size=512, lr=1e-3 constant, l1_coefficient=1e-3, val_fraction=0.1, seed=0, ...).
+    config: a `saelab.config.TrainConfig` (e.g. `profile.train`), default the seed's (epochs=100,
+    batch_size=512, lr=1e-3 constant, l1_coefficient=1e-3, val_fraction=0.1, seed=0, ...); `options`: any of
+    its fields as keywords, replacing the config's (train_sae(sae, x, epochs=2) or train_sae(sae, x, cfg, lr=3e-4)).
     device: where to train (default: where the SAE is; the SAE is moved there). With `run_dir`:
     `resume` continues a compatible checkpoint there; `overwrite=True` deletes its checkpoints first.
     `max_steps` stops early after that many steps in all (with a checkpoint). `run_config` (e.g. the
     profile) goes to wandb. `tf32` (default: on CUDA) allows TF32 matmuls during training only.
     """
-    s = training_settings(sae, options)
+    s = training_settings(sae, config, options)
     activations = as_activations(activations, sae.d_in)
     device = canonical(device) if device is not None else device_of(sae)  # "cuda" -> cuda:0, as tensors say
     run_dir = Path(run_dir) if run_dir is not None else None
@@ -252,8 +252,8 @@ def train_sae(sae: SAE, activations, *, device: str | torch.device | None = None
         trainer = Trainer(sae, s, data, split, device, fingerprint, run_dir)
         if not (run_dir is not None and resume and trainer.resume()):
             sae.init_b_dec(data.index_select(0, trainer.train_rows[:4096]).to(device, torch.float32), s.b_dec_init)
-        config = {"train": {f: getattr(s, f) for f in TRAINING_FIELDS}, **(run_config or {})}
-        log = RunLog(run_dir if not trainer.finished else None, config, run_id=trainer.wandb_id, name=run_name)
+        logged = {"train": dataclasses.asdict(s), **(run_config or {})}
+        log = RunLog(run_dir if not trainer.finished else None, logged, run_id=trainer.wandb_id, name=run_name)
         try:
             finished = trainer.loop(log, max_steps, progress)
         finally:
@@ -265,19 +265,13 @@ def train_sae(sae: SAE, activations, *, device: str | torch.device | None = None
 
 
 def sae_for_profile(profile: Profile, device: str | torch.device = "cpu") -> SAE:
-    """A fresh SAE of profile.architecture with the profile's options, seeded by profile.seed
-    (the global RNG is left untouched), on `device`."""
-    options = {option: getattr(profile, field) for option, field in REGISTRY[profile.architecture].options.items()}
+    """A fresh SAE of the profile's `sae` section, seeded by profile.seed (the global RNG is left
+    untouched), on `device`."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(profile.seed)
-        sae = sae_for(profile.architecture, profile.d_in, profile.d_sae, **options,
+        sae = sae_for(profile.sae.architecture, profile.d_in, profile.d_sae, **profile.sae.options_for(),
                       metadata={"model_name": profile.model_name, "hook_name": profile.hook, "profile": profile.name})
     return sae.to(device)
-
-
-def profile_training_options(profile: Profile, sae: SAE) -> dict:
-    """The profile's training settings for this SAE (the sparsity coefficient its architecture takes)."""
-    return {f: getattr(profile, f) for f in TRAINING_FIELDS if f not in SPARSITY_FIELDS or f == sae.sparsity_setting}
 
 
 def train_profile(profile: Profile, activations, name: str = "sae", *, resume: bool = True, overwrite: bool = False,
@@ -293,4 +287,4 @@ def train_profile(profile: Profile, activations, name: str = "sae", *, resume: b
     sae = sae_for_profile(profile, device)
     return train_sae(sae, activations, device=device, progress=progress, run_dir=paths.sae_dir(profile, name),
                      resume=resume, overwrite=overwrite, max_steps=max_steps, run_name=f"{profile.name}-{name}",
-                     run_config={"profile": profile.to_dict()}, **profile_training_options(profile, sae))
+                     run_config={"profile": profile.to_dict()}, config=profile.train)
