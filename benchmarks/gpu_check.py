@@ -74,6 +74,11 @@ def main(args) -> int:
     train += ["--smoke"] if args.smoke else ["--rows", str(SEED_ROWS), "--steps", "2000", "--peak-tflops", str(peak),
                                              "--trainers", "saelab,saelab-bf16,saelab-eager,saelab-host,seed,saelens"]
     results["train"] = run_step("train", train, 600, out)
+    if not args.smoke:  # TopK at the seed's shape, k = 32: saelab's sparse step beside sparsify's Triton kernels
+        results["train-topk"] = run_step("train-topk", [
+            python, str(HERE / "train.py"), "--device", device, "--rows", str(SEED_ROWS), "--steps", "2000",
+            "--trainers", "saelab-topk,saelab-topk-dense,saelab-batchtopk,sparsify", "--json",
+            str(out / "train_topk.json")], 600, out)
     if not args.smoke:  # which kernel each GEMM of the step runs on (Hopper: sm90)
         results["kernels"] = run_step("kernels", [python, str(HERE / "train.py"), "--device", device,
                                                   "--profile-kernels"], 180, out)

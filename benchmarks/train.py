@@ -1,8 +1,11 @@
-"""Training throughput side by side: saelab, the seed article's plain loop and SAELens, same data and shapes.
+"""Training throughput side by side: saelab, the seed article's plain loop, SAELens and sparsify, same data and shapes.
 
     .venv/bin/python benchmarks/train.py                          # CPU: 768 -> 6144, batch 512, 5 rounds
     python benchmarks/train.py --device cuda --rows 2540000       # a GPU, on the seed's 2.54M rows
     python benchmarks/train.py --smoke                            # seconds: checks the script runs (make test)
+    python benchmarks/train.py --trainers saelab-topk,sparsify,saelab --rounds 3   # TopK beside sparsify
+    python benchmarks/train.py --trainers saelab-topk --d-sae 98304 --steps 4      # a wide dictionary
+    python benchmarks/train.py --interleaved --trainers saelab-topk,sparsify,saelab --steps 3 --rounds 10
 
 Trainers (each measured in a fresh process, so each peak memory is its own):
   saelab        `train_sae` on the seed's tied SAE, float32 (TF32 matmuls on CUDA), its step a CUDA graph on CUDA
@@ -14,6 +17,14 @@ Trainers (each measured in a fresh process, so each peak memory is its own):
                 torch.optim.Adam, loss mse + 1e-3 E||h||_1, batches gathered on the device
   saelens       SAELens' SAETrainer.fit on a StandardTrainingSAE (its defaults, λ scaled to the same
                 objective), fed the same data as an iterator of device tensors
+  saelab-topk   `train_sae` on sae_for("topk", k=--k): its sparse step (decode and gradients through the kept
+                entries only)
+  saelab-topk-dense  the same SAE on its dense reference step (sparse_backward=False), what saelab did before
+  saelab-batchtopk   `train_sae` on sae_for("batchtopk", k=--k), sparse step
+  sparsify      EleutherAI sparsify's SparseCoder (k=--k, its fused encoder: top-k backward by index_add_, decode
+                by embedding_bag, or its Triton kernels on CUDA) in the loop of its Trainer: fvu + AuxK
+                (auxk_alpha 1/32, dead after 10M tokens), gradient along decoder rows removed, torch.optim.Adam,
+                rows renormalised. Optional: `pip install eai-sparsify`; the table says when it is absent.
 Every trainer runs with TF32 matmuls allowed on CUDA (the precision saelab trains in), after a warm-up.
 tokens/s is steady state: each trainer runs `--steps` and `2 x --steps` steps, and the difference of the
 two times (per-run setup cancels) gives the time per step. The projected 100 epochs are 100 x the
@@ -35,7 +46,9 @@ import time
 
 import torch
 
-TRAINERS = ("saelab", "saelab-bf16", "saelab-eager", "saelab-host", "saelab-compile", "seed", "saelens")
+TRAINERS = ("saelab", "saelab-bf16", "saelab-eager", "saelab-host", "saelab-compile", "seed", "saelens",
+            "saelab-topk", "saelab-topk-dense", "saelab-batchtopk", "sparsify")
+K_SPARSE = ("saelab-topk", "saelab-topk-dense", "saelab-batchtopk", "sparsify")  # trained at k = --k
 CUDA_ONLY = ("saelab-eager", "saelab-host", "saelab-compile")
 
 
@@ -72,7 +85,7 @@ def timed(run, steps: int, device: str) -> float:
 
 
 def saelab_runner(args, data: torch.Tensor):
-    from saelab.sae import SAE
+    from saelab.sae import SAE, sae_for
     from saelab.train import batching
     from saelab.train.loop import train_sae
 
@@ -92,7 +105,12 @@ def saelab_runner(args, data: torch.Tensor):
         step.Stepper.__init__ = compiled_init
 
     def run(steps: int) -> None:
-        run.sae = SAE(args.d_in, args.d_sae).to(args.device)
+        if args.worker in K_SPARSE:
+            architecture = args.worker.removeprefix("saelab-").removesuffix("-dense")
+            run.sae = sae_for(architecture, args.d_in, args.d_sae, k=args.k).to(args.device)
+            run.sae.sparse_backward = not args.worker.endswith("-dense")
+        else:
+            run.sae = SAE(args.d_in, args.d_sae).to(args.device)
         train_sae(run.sae, data[:-args.held_out], device=args.device, epochs=1, batch_size=args.batch, max_steps=steps,
                   progress=False, **options)
     return run
@@ -134,11 +152,101 @@ def saelens_runner(args, data: torch.Tensor):
     return run
 
 
+def sparsify_runner(args, data: torch.Tensor):
+    """sparsify's SparseCoder trained as its Trainer's step does (sparsify/trainer.py, 1.3): forward with the
+    dead mask, fvu + auxk_alpha * AuxK, backward, gradient along decoder rows removed, Adam, rows renormalised,
+    tokens since each latent fired. Its default lr for this width."""
+    def run(steps: int) -> None:
+        step = sparsify_step(args)
+        for i in range(steps):
+            step(data[i * args.batch:(i + 1) * args.batch])
+        run.sae = step.sae
+    return run
+
+
+def sparsify_step(args):
+    """One step of sparsify's Trainer on a batch x, as a function (see sparsify_runner)."""
+    try:
+        from sparsify import SparseCoder, SparseCoderConfig
+    except ImportError as err:
+        sys.exit(f"sparsify is not installed ({err}); pip install eai-sparsify (an optional benchmark dependency)")
+    sae = SparseCoder(args.d_in, SparseCoderConfig(num_latents=args.d_sae, k=args.k), device=args.device)
+    optimizer = torch.optim.Adam(sae.parameters(), lr=2e-4 / (args.d_sae / 2**14) ** 0.5)
+    since_fired = torch.zeros(args.d_sae, dtype=torch.long, device=args.device)
+
+    def step(x: torch.Tensor) -> None:
+        out = sae(x, dead_mask=since_fired > 10_000_000)
+        (out.fvu + out.auxk_loss / 32).backward()
+        since_fired.add_(x.shape[0])
+        since_fired[out.latent_indices.flatten()] = 0
+        sae.remove_gradient_parallel_to_decoder_directions()
+        optimizer.step()
+        optimizer.zero_grad()
+        sae.set_decoder_norm_to_unit_norm()
+    step.sae = sae
+    return step
+
+
+def interleaved(args) -> None:
+    """The steps alone, in one process, taking turns: each round runs --steps steps of every trainer (order
+    alternating), so a shared CPU's drift reaches all of them alike. saelab's is its Stepper (the step
+    train_sae calls: gradients, constraint, Adam, statistics), sparsify's the step of sparsify_runner."""
+    from saelab.sae import SAE, sae_for
+    from saelab.train.step import RunningStats, Stepper, make_adam
+
+    torch.set_num_threads(args.threads)
+    device, x = torch.device(args.device), activations(args)[:args.batch]
+    steps = {}
+    for name in args.trainers.split(","):
+        if name == "sparsify":
+            steps[name] = sparsify_step(args)
+            continue
+        if name not in ("saelab",) + K_SPARSE:
+            sys.exit(f"--interleaved compares saelab, {', '.join(K_SPARSE)}; not {name}")
+        sae = (SAE(args.d_in, args.d_sae) if name == "saelab" else
+               sae_for(name.removeprefix("saelab-").removesuffix("-dense"), args.d_in, args.d_sae, k=args.k))
+        sae.sparse_backward = not name.endswith("-dense")
+        stepper = Stepper(sae.to(device), make_adam(sae, 1e-3, device), RunningStats(args.d_sae, device, 10**9), device)
+        stepper.set_lr(1e-3)
+        stepper.set_sparsity(1e-3 if name == "saelab" else 0.0)
+        steps[name] = lambda x, stepper=stepper: stepper(x, args.batch)
+    times = {name: [] for name in steps}
+    for round_ in range(args.rounds + 1):  # round 0 warms up
+        for name in steps if round_ % 2 else list(steps)[::-1]:
+            steps[name](x)
+            sync(args.device)
+            start = time.perf_counter()
+            for _ in range(args.steps):
+                steps[name](x)
+            sync(args.device)
+            if round_:
+                times[name].append(args.batch * args.steps / (time.perf_counter() - start))
+    print(f"interleaved steps, SAE {args.d_in}->{args.d_sae}, k={args.k}, batch {args.batch}, {args.rounds} rounds of "
+          f"{args.steps} steps; torch {torch.__version__}, {machine(args.device)}")
+    print("\n| trainer | tokens/s (median) | per round |\n| --- | ---: | --- |")
+    for name, values in times.items():
+        print(f"| {name} | {statistics.median(values):,.0f} | {' · '.join(f'{v:,.0f}' for v in values)} |")
+    first = next(iter(times))
+    for name in list(times)[1:]:  # the ratio round by round: both ran within the same minute
+        ratios = [a / b for a, b in zip(times[first], times[name], strict=True)]
+        print(f"\n{first} / {name}: {statistics.median(ratios):.2f}x (median of per-round ratios; "
+              f"{min(ratios):.2f}-{max(ratios):.2f})")
+
+
+@torch.no_grad()
+def sparsify_quality(sae, x: torch.Tensor) -> dict:
+    """FVU and L0 as saelab.metrics defines them, on held-out rows."""
+    top = sae.encode(x)
+    x_hat = sae.decode(top.top_acts, top.top_indices)
+    fvu = (x - x_hat).pow(2).sum(-1).mean() / (x - x.mean(0)).pow(2).sum(-1).mean()
+    return {"fvu": fvu.item(), "l0": (top.top_acts > 0).sum(-1).float().mean().item()}
+
+
 def worker(args) -> None:
     torch.set_num_threads(args.threads)
     torch.backends.cuda.matmul.allow_tf32 = True
     data = activations(args)
-    make = {"seed": seed_runner, "saelens": saelens_runner}.get(args.worker, saelab_runner)
+    make = {"seed": seed_runner, "saelens": saelens_runner, "sparsify": sparsify_runner}.get(args.worker, saelab_runner)
     run = make(args, data)
     run(args.warmup)
     if args.device.startswith("cuda"):
@@ -148,7 +256,9 @@ def worker(args) -> None:
     peak = (torch.cuda.max_memory_allocated() / 2**20 if args.device.startswith("cuda")
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # Linux: KiB
     result = {"tokens_per_s": args.batch / per_step, "peak_mib": peak}
-    if hasattr(run, "sae"):  # the SAE of the longer run, on rows it never saw
+    if args.worker == "sparsify":
+        result |= sparsify_quality(run.sae, data[-args.held_out:].to(args.device))
+    elif hasattr(run, "sae"):  # the SAE of the longer run, on rows it never saw
         from saelab.metrics import evaluate_sae
 
         quality = evaluate_sae(run.sae, data[-args.held_out:].to(args.device))
@@ -202,7 +312,9 @@ def main(args) -> dict:
     unknown = set(trainers) - set(TRAINERS)
     if unknown:
         sys.exit(f"unknown trainer(s) {sorted(unknown)}; choose from {TRAINERS}")
-    print(f"SAE {args.d_in}->{args.d_sae}, batch {args.batch}, {args.rows:,} rows; {args.steps} and {2 * args.steps} "
+    sparse = ", ".join(t for t in trainers if t in K_SPARSE) or "none"
+    print(f"SAE {args.d_in}->{args.d_sae} (k={args.k} for {sparse}), "
+          f"batch {args.batch}, {args.rows:,} rows; {args.steps} and {2 * args.steps} "
           f"timed steps after {args.warmup} warm-up, {args.rounds} round(s); torch {torch.__version__}, "
           f"{machine(args.device)}", flush=True)
     runs: dict[str, list[dict]] = {t: [] for t in trainers}
@@ -213,6 +325,10 @@ def main(args) -> dict:
                 continue
             cmd = [sys.executable, __file__, "--worker", name, *sys.argv[1:]]
             out = subprocess.run(cmd, capture_output=True, text=True)
+            if out.returncode != 0 and name == "sparsify" and "not installed" in out.stderr:
+                failed[name] = "absent: pip install eai-sparsify to compare"
+                print("  sparsify is not installed: its row is skipped (pip install eai-sparsify)", flush=True)
+                continue
             if out.returncode != 0:  # reported in the table; the other trainers still run
                 failed[name] = (out.stderr.strip().splitlines() or ["no output"])[-1][:150]
                 print(f"  round {round_ + 1} {name:13s} FAILED:\n{out.stderr[-2000:]}", flush=True)
@@ -237,14 +353,16 @@ def main(args) -> dict:
         quality = (f"{row['fvu']:.3f} | {row['l0']:.1f}" if row["fvu"] is not None else "- | -")
         print(f"| {name} | {tps:,.0f} | {row['epochs_100_s']:,.0f} s | {f'{mfu:.1%}' if mfu else '-'} | "
               f"{row['peak_mib']:,.0f} | {quality} |")
-    if "saelab" in table and "saelens" in table:
-        print(f"\nsaelab / SAELens: {table['saelab']['tokens_per_s'] / table['saelens']['tokens_per_s']:.2f}x "
-              "(ratio of medians)")
+    for ours, theirs in (("saelab", "saelens"), ("saelab-topk", "sparsify"), ("saelab-topk", "saelab"),
+                         ("saelab-topk", "saelab-topk-dense")):
+        if ours in table and theirs in table:
+            print(f"\n{ours} / {theirs}: {table[ours]['tokens_per_s'] / table[theirs]['tokens_per_s']:.2f}x "
+                  "(ratio of medians)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"machine": machine(args.device), "args": vars(args), "table": table, "failed": failed},
                       f, indent=1)
-    if failed:
+    if set(failed) - {"sparsify"} or "absent" not in failed.get("sparsify", "absent"):
         sys.exit(f"failed: {sorted(failed)}")
     return table
 
@@ -255,6 +373,7 @@ if __name__ == "__main__":
     parser.add_argument("--d-in", type=int, default=768)
     parser.add_argument("--d-sae", type=int, default=6144)
     parser.add_argument("--batch", type=int, default=512)
+    parser.add_argument("--k", type=int, default=32, help="latents per token of the k-sparse trainers")
     parser.add_argument("--rows", type=int, default=None, help="activation rows (default: 2x the steps' rows)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps (and twice as many); "
                         "default 60 on CPU, 1000 on CUDA")
@@ -267,18 +386,22 @@ if __name__ == "__main__":
     parser.add_argument("--json", help="also write the results table to this JSON file")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, one round: checks the script runs")
     parser.add_argument("--profile-kernels", action="store_true", help="CUDA: list the step's kernels instead")
+    parser.add_argument("--interleaved", action="store_true", help="the steps alone, taking turns in one process "
+                        "(--trainers among saelab, the k-sparse ones and sparsify; the first is the reference)")
     parser.add_argument("--worker", choices=TRAINERS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     cuda = args.device.startswith("cuda")
     if args.smoke:
-        args.d_in, args.d_sae, args.batch, args.steps, args.rounds, args.warmup = 16, 64, 32, 4, 1, 1
-        if args.trainers == ",".join(TRAINERS):  # one saelab row beside the two others: each row is a process
-            args.trainers = "saelab,seed,saelens"
+        args.d_in, args.d_sae, args.batch, args.steps, args.rounds, args.warmup, args.k = 16, 64, 32, 4, 1, 1, 4
+        if args.trainers == ",".join(TRAINERS):  # one row of each kind: each row is a process
+            args.trainers = "saelab,seed,saelens,saelab-topk,sparsify"
     args.held_out = 256 if args.smoke else 16_384  # final rows, never trained on: FVU and L0 are measured there
     args.steps = args.steps or (1000 if cuda else 60)
     args.rounds = args.rounds or (1 if cuda else 5)
     args.rows = args.rows or (3 * args.steps + args.warmup + 2) * args.batch * 10 // 9 + args.held_out
     if args.profile_kernels:
         profile_kernels(args)
+    elif args.interleaved:
+        interleaved(args)
     else:
         worker(args) if args.worker else main(args)

@@ -259,20 +259,26 @@ class Profile:
 
     # --- interpretability against baselines (notebook 06, saelab.studies.baselines and saelab.studies.probing). Not in
     # the seed: Cunningham et al. 2023 (§3) compare SAE features with the residual basis, random directions,
-    # PCA and ICA on the same activations. Here the scores need no LM judge: 1-sparse probing of token
-    # concepts (directions chosen on the train store, AUC on the mae store) and token concentration.
+    # PCA and ICA on the same activations. Here the scores need no LM judge: SAEBench-style k-sparse probing
+    # of token concepts (directions and probes fitted on training documents, AUC on held-out documents of
+    # the train and mae stores pooled) and simulation scoring of randomly sampled directions.
     interp_random_directions: int = 0  # random unit directions; 0 = d_sae (as many candidates as the SAE has)
     interp_ica_components: int = 0  # FastICA components; 0 = d_in (a full unmixing, as PCA's d_in components)
     interp_ica_fit_rows: int = 100_000  # training rows FastICA fits on, a seeded sample (gpt2: ~4% of 2.5M rows)
     interp_ica_max_iter: int = 200  # FastICA iterations at most (scikit-learn's default); unconverged is reported
     interp_top_examples: int = 20  # top held-out examples per direction whose token ids give its entropy
-    interp_top_directions: int = 100  # directions per method scored for token concentration, most active first
+    interp_top_directions: int = 100  # directions per method sampled at random among live ones for simulation scoring
+    interp_ks: tuple[int, ...] = (1, 2, 5, 20)  # k of the k-sparse probes (SAEBench's k_values include 1, 2, 5, 20)
+    interp_held_out_share: float = 0.2  # share of the documents (train and mae stores pooled) held out for scoring
+    interp_probe_rows: int = 2_000  # probe training rows per class, balanced (SAEBench: 4,000 in all)
+    interp_min_positives: int = 50  # a concept is scored only with this many positives in each split
+    interp_document_groups: int = 100  # held-out documents are resampled in this many seeded groups (fewer = faster)
     interp_chunk_rows: int = 4_096  # activation rows encoded at once (gpt2: 4096 x 6144 x 4 B = 100 MB per SAE)
     interp_bootstrap: int = 1_000  # bootstrap resamples behind each 95% confidence interval
 
     def __post_init__(self) -> None:
         for name in ("synth_dict_ratios", "synth_l1_coefficients", "synth_topk_ks", "synth_l0_coefficients",
-                     "synth_seeds"):
+                     "synth_seeds", "interp_ks"):
             object.__setattr__(self, name, tuple(getattr(self, name)))  # JSON gives lists; keep tuples
         for name, section in SECTIONS.items():  # JSON gives dicts; a section validates itself
             if isinstance(getattr(self, name), dict):
@@ -333,11 +339,18 @@ class Profile:
                  "interp_ica_fit_rows": (1, "rows FastICA fits on"), "interp_ica_max_iter": (1, "FastICA iterations"),
                  "interp_top_examples": (2, "examples per direction; an entropy needs at least 2"),
                  "interp_top_directions": (1, "directions per method"), "interp_chunk_rows": (1, "rows per chunk"),
-                 "interp_bootstrap": (1, "bootstrap resamples")}
-        return [f"{name}={getattr(self, name)!r}: an integer >= {minimum} ({meaning})"
-                for name, (minimum, meaning) in rules.items()
-                if not (isinstance(getattr(self, name), int) and not isinstance(getattr(self, name), bool)
-                        and getattr(self, name) >= minimum)]
+                 "interp_bootstrap": (1, "bootstrap resamples"), "interp_probe_rows": (1, "probe rows per class"),
+                 "interp_min_positives": (1, "positives per split"), "interp_document_groups": (2, "document groups")}
+        problems = [f"{name}={getattr(self, name)!r}: an integer >= {minimum} ({meaning})"
+                    for name, (minimum, meaning) in rules.items()
+                    if not (isinstance(getattr(self, name), int) and not isinstance(getattr(self, name), bool)
+                            and getattr(self, name) >= minimum)]
+        if not (self.interp_ks and all(isinstance(k, int) and k >= 1 for k in self.interp_ks)):
+            problems.append(f"interp_ks={self.interp_ks!r}: one or more integers >= 1 (directions per sparse probe)")
+        if not 0 < self.interp_held_out_share < 1:
+            problems.append(f"interp_held_out_share={self.interp_held_out_share!r}: a share of the documents, "
+                            "strictly between 0 and 1 (e.g. 0.2)")
+        return problems
 
     def _offline_lm_problems(self) -> list[str]:
         def count(name: str, minimum: int) -> bool:
@@ -494,8 +507,9 @@ OFFLINE = GPT2.replace(
     synth_d=32, synth_features=64, synth_mean_active=3.0, synth_samples=8_192, synth_epochs=40,
     synth_lr=1e-2, synth_dict_ratios=(2.0,), synth_l1_coefficients=(3e-3, 1e-2, 3e-2), synth_topk_ks=(2, 4),
     synth_l0_coefficients=(1e-3, 3e-3), synth_seeds=(0, 1), synth_target_l0=4.0,
-    # notebook 06 in seconds: FastICA on 10k of the ~25k training rows; 50 of the 128 ± residual dimensions
-    interp_ica_fit_rows=10_000, interp_top_directions=50,
+    # notebook 06 in seconds: FastICA on 10k of the ~25k training rows; 50 sampled directions per method.
+    # Half the ~500 documents held out: each of most concepts then has its 50 held-out positives.
+    interp_ica_fit_rows=10_000, interp_top_directions=50, interp_held_out_share=0.5,
 )
 
 # What `make test` runs the notebooks with: the offline pipeline at a smaller setting, so the tests stay fast

@@ -30,7 +30,8 @@ class Sums(NamedTuple):
 
 
 def sums_of(x: torch.Tensor, h: torch.Tensor, sse: torch.Tensor, dtype: torch.dtype = torch.float64) -> Sums:
-    """The `Sums` of one batch: x (tokens, d_in), h (tokens, d_sae), sse = sum ||x - x_hat||^2 (the caller
+    """The `Sums` of one batch: x (tokens, d_in), h (tokens, d_sae) or a sparse step's kept values alone
+    (nnz,) (then `fired` is a count, and from_sums has no per-latent density), sse = sum ||x - x_hat||^2 (the caller
     has it: from x_hat, or from a loss). Per-row sums in x's dtype, then `dtype` across rows (float64;
     `devices.accumulator_dtype` where a device has none): exact enough, and no float64 copy of h."""
     return Sums(sse.to(dtype), x.pow(2).sum(-1).to(dtype).sum(), x.to(dtype).sum(0), h.abs().sum(-1).to(dtype).sum(),
@@ -67,19 +68,21 @@ def from_sums(sums: Sums) -> dict:
         fvu = sse / (x_sq - ||x_sum||^2 / n)     normalised_mse = sse / x_sq  (the error against predicting 0)
         density = fired / n per latent           dead_fraction, dense_fraction (> DENSE) of latents
 
-    Returns floats, and "density" (d_sae,) float64 on the CPU for the histogram. One host sync.
+    Returns floats, and "density" (d_sae,) float64 on the CPU for the histogram (not for a sparse step's
+    kept values, whose latents are not known: l0, mse, l1, fvu and normalised_mse only). One host sync.
     """
     sse, x_sq, l1, n = torch.stack([sums.sse, sums.x_sq, sums.l1, sums.tokens]).tolist()
     if n == 0:
         raise ValueError("no activation rows to evaluate")
-    d_in, d_sae = sums.x_sum.shape[0], sums.fired.shape[0]
-    density = sums.fired.cpu().double() / n
+    d_in = sums.x_sum.shape[0]
     variance = x_sq - sums.x_sum.double().pow(2).sum().item() / n  # sum ||x - mean||^2
-    l0 = density.sum().item()
-    return {"l0": l0, "fraction_active": l0 / d_sae, "mse": sse / (n * d_in), "l1": l1 / n,
-            "fvu": fvu(sse, variance), "normalised_mse": sse / x_sq if x_sq > 0 else float("nan"),
-            "dead_fraction": dead_fraction(density).item(), "dense_fraction": dense_fraction(density).item(),
-            "density": density}
+    out = {"l0": sums.fired.sum().item() / n, "mse": sse / (n * d_in), "l1": l1 / n, "fvu": fvu(sse, variance),
+           "normalised_mse": sse / x_sq if x_sq > 0 else float("nan")}
+    if sums.fired.dim() == 0:  # h was a sparse step's kept values: how many fired, not which
+        return out
+    density = sums.fired.cpu().double() / n
+    return out | {"fraction_active": out["l0"] / sums.fired.shape[0], "dead_fraction": dead_fraction(density).item(),
+                  "dense_fraction": dense_fraction(density).item(), "density": density}
 
 
 @torch.no_grad()

@@ -421,42 +421,55 @@ def highlight_tokens(tokens: list[str], activations: list[float | None], scale: 
     return "<span style='white-space:pre-wrap;font-family:monospace'>" + "".join(spans) + "</span>"
 
 
-def interpretability_comparison(summary: pd.DataFrame, probing: pd.DataFrame, profile: Profile,
-                                device: str | None = None, *, top_examples: int | None = None) -> go.Figure:
-    """Notebook 06: methods side by side. Left, mean held-out ROC AUC of the best single direction per
-    concept (dots: the concepts); right, mean token entropy of the top examples of the most active
-    directions. Bars carry 95% bootstrap intervals; SAEs in blue, baselines in grey.
+def interpretability_comparison(summary: pd.DataFrame, simulation: pd.DataFrame, profile: Profile,
+                                device: str | None = None) -> go.Figure:
+    """Notebook 06: methods side by side. Left, k-sparse probing: mean held-out ROC AUC over the concepts
+    against k, with 95% intervals from resampling held-out documents, and the dense probe as the ceiling;
+    right, simulation scoring: mean correlation over each method's sampled directions, 95% interval.
+    SAEs in colour, baselines in grey.
 
-    summary: indexed by method, columns kind, auc, auc_low, auc_high, concepts, entropy, entropy_low,
-    entropy_high, directions (as `probing.summarise`); probing: columns method, concept, auc.
+    summary: columns method, kind, k, auc, auc_low, auc_high, concepts (as `probing.summarise`);
+    simulation: indexed by method, columns kind, score, score_low, score_high, directions
+    (as `probing.simulation_summary`).
     """
-    methods = summary.index.tolist()
-    colours = ["#4C78A8" if kind == "SAE" else "#9D9D9D" for kind in summary["kind"]]
-    examples = f"top {top_examples} examples" if top_examples else "top examples"
-    fig = make_subplots(rows=1, cols=2, horizontal_spacing=0.12, subplot_titles=[
-        f"1-sparse probing: held-out ROC AUC<br>mean of {int(summary['concepts'].max())} concepts, 95% CI",
-        f"token entropy of each direction's {examples}<br>mean of the {int(summary['directions'].max())} "
-        "most active directions, 95% CI"])
-    for col, score in enumerate(("auc", "entropy"), start=1):
-        fig.add_trace(go.Bar(
-            x=methods, y=summary[score], marker_color=colours, opacity=0.8, showlegend=False,
-            error_y={"type": "data", "symmetric": False, "array": summary[f"{score}_high"] - summary[score],
-                     "arrayminus": summary[score] - summary[f"{score}_low"]},
-            hovertemplate="%{x}: %{y:.3f}<extra></extra>"), row=1, col=col)
-    fig.add_trace(go.Scatter(x=probing["method"], y=probing["auc"], mode="markers", text=probing["concept"],
-                             marker={"color": "#F58518", "size": 7, "line": {"width": 1, "color": "white"}},
-                             name="one concept", hovertemplate="%{text}: %{y:.3f}<extra></extra>"), row=1, col=1)
-    fig.add_hline(y=0.5, line_dash="dot", annotation_text="chance", annotation_position="bottom right", row=1, col=1)
-    if top_examples:
-        fig.add_hline(y=math.log2(top_examples), line_dash="dot", row=1, col=2,
-                      annotation_text=f"all {top_examples} tokens different", annotation_position="bottom right")
-    lowest = min([0.4, *probing["auc"], *summary["auc_low"].dropna()])  # a probe can fall below chance on held-out text
-    fig.update_yaxes(title_text="ROC AUC (higher = better probe)", range=[lowest - 0.02, 1.02], row=1, col=1)
-    fig.update_yaxes(title_text="bits (lower = more token-specific)", rangemode="tozero", row=1, col=2)
+    sae_colours = ["#4C78A8", "#F58518", "#54A24B", "#B279A2", "#E45756", "#72B7B2"]
+    grey = ["#9D9D9D", "#6F6F6F", "#BDBDBD", "#4A4A4A", "#D0D0D0"]
+    kind = dict(zip(summary["method"], summary["kind"], strict=True))
+    methods = [m for m in kind if kind[m] != "ceiling"]
+    saes, bases = iter(sae_colours * 4), iter(grey * 4)
+    colour = {m: next(saes) if kind[m] == "SAE" else next(bases) for m in methods}
+    concepts = int(summary["concepts"].max()) if len(summary) else 0
+    fig = make_subplots(rows=1, cols=2, horizontal_spacing=0.12, column_widths=[0.58, 0.42], subplot_titles=[
+        f"k-sparse probing: held-out ROC AUC<br>mean of {concepts} concepts, 95% CI over held-out documents",
+        f"simulation scoring: correlation<br>mean of {int(simulation['directions'].max()) if len(simulation) else 0} "
+        "random live directions, 95% CI"])
+    for m in methods:
+        rows = summary[summary["method"] == m].sort_values("k")
+        fig.add_trace(go.Scatter(
+            x=rows["k"].astype(str), y=rows["auc"], mode="lines+markers", name=m, legendgroup=m,
+            line={"color": colour[m], "dash": "solid" if kind[m] == "SAE" else "dot"},
+            error_y={"type": "data", "symmetric": False, "array": rows["auc_high"] - rows["auc"],
+                     "arrayminus": rows["auc"] - rows["auc_low"]},
+            hovertemplate=f"{m}, k=%{{x}}: %{{y:.3f}}<extra></extra>"), row=1, col=1)
+    ceiling = summary[summary["kind"] == "ceiling"]
+    if len(ceiling):
+        fig.add_hline(y=float(ceiling["auc"].iloc[0]), line_dash="dash", line_color="#222", row=1, col=1,
+                      annotation_text=f"dense probe {float(ceiling['auc'].iloc[0]):.3f}",
+                      annotation_position="bottom right")
+    shown = [m for m in simulation.index if m in colour]
+    fig.add_trace(go.Bar(
+        x=shown, y=simulation.loc[shown, "score"], marker_color=[colour[m] for m in shown], opacity=0.85,
+        showlegend=False, error_y={"type": "data", "symmetric": False,
+                                   "array": simulation.loc[shown, "score_high"] - simulation.loc[shown, "score"],
+                                   "arrayminus": simulation.loc[shown, "score"] - simulation.loc[shown, "score_low"]},
+        hovertemplate="%{x}: %{y:.3f}<extra></extra>"), row=1, col=2)
+    fig.update_xaxes(title_text="k (directions per probe)", type="category", row=1, col=1)
+    fig.update_yaxes(title_text="ROC AUC (higher = better probe)", row=1, col=1)
+    fig.update_yaxes(title_text="correlation (simulated vs true activation)", row=1, col=2)
     fig.update_annotations(font_size=13)
     fig.update_layout(title=figure_title("SAE features against other directions, scored without an LM judge",
                                          profile, device),
-                      width=1100, height=540, margin={"t": 130}, legend={"orientation": "h", "y": -0.25})
+                      width=1200, height=560, margin={"t": 130}, legend={"orientation": "h", "y": -0.22})
     return fig
 
 

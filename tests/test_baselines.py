@@ -33,16 +33,22 @@ def test_streamed_moments_equal_brute_force(tmp_path, chunk_rows):
     assert torch.equal(sample, moments_and_sample(store, 10, seed=0, chunk_rows=5)[2])
 
 
-def test_residual_basis_reads_each_dimension_and_its_negation():
+def test_residual_basis_reads_each_dimension_once():
     basis = LinearDirections("residual basis", torch.eye(2), torch.tensor([1.0, -1.0]))
     x = torch.tensor([[3.0, 0.0], [1.0, -1.0]])
-    assert torch.equal(basis.encode(x), torch.tensor([[2.0, 1.0, -2.0, -1.0], [0.0, 0.0, 0.0, 0.0]]))
-    assert basis.n == 4 and [basis.label(j) for j in range(4)] == ["dim 0", "dim 1", "-dim 0", "-dim 1"]
+    assert torch.equal(basis.encode(x), torch.tensor([[2.0, 1.0], [0.0, 0.0]]))
+    assert basis.n == 2 and [basis.label(j) for j in range(2)] == ["dim 0", "dim 1"]
 
 
-def test_random_directions_are_seeded_unit_vectors_of_one_sign():
+def test_moving_linear_directions_leaves_the_callers_object_alone():
+    basis = LinearDirections("residual basis", torch.eye(2), torch.zeros(2))
+    moved = basis.to("meta")
+    assert moved.weight.device.type == "meta" and basis.weight.device.type == "cpu"
+
+
+def test_random_directions_are_seeded_unit_vectors():
     first = random_directions(5, 7, seed=3, mean=torch.zeros(5, dtype=torch.float64))
-    assert first.n == 7 and not first.both_signs
+    assert first.n == 7
     assert torch.allclose(first.weight.norm(dim=0), torch.ones(7))
     assert torch.equal(first.weight, random_directions(5, 7, seed=3, mean=torch.zeros(5)).weight)
 
@@ -51,7 +57,7 @@ def test_pca_orders_components_by_variance():
     covariance = torch.diag(torch.tensor([1.0, 9.0, 4.0], dtype=torch.float64))
     pca = pca_directions(torch.zeros(3, dtype=torch.float64), covariance)
     assert torch.allclose(pca.weight.abs(), torch.eye(3)[:, [1, 2, 0]])  # axes 1, 2, 0: variance 9, 4, 1
-    assert pca.label(0) == "PC 0" and pca.label(3) == "-PC 0"
+    assert pca.n == 3 and pca.label(0) == "PC 0"
 
 
 def test_ica_unmixes_independent_sources():
@@ -60,17 +66,17 @@ def test_ica_unmixes_independent_sources():
     sources = torch.stack([sources[:, 0], torch.rand(4000, generator=generator) * 2 - 1], dim=1)
     x = sources @ torch.tensor([[1.0, 0.5], [0.3, 1.0]]) + 5.0  # mixed and shifted
     ica = ica_directions(x, n_components=2, max_iter=200, seed=0)
-    recovered = ica.encode(x)[:, :2]  # (rows, 2), the second half are the negations
+    recovered = ica.encode(x)  # (rows, 2)
     correlation = torch.corrcoef(torch.cat([recovered, sources], dim=1).T)[:2, 2:].abs()
     assert (correlation.max(dim=1).values > 0.98).all()  # each component is one source, up to sign and scale
-    assert "converged" in ica.note and ica.n == 4
+    assert "converged" in ica.note and ica.n == 2
 
 
 def test_fit_baselines_gives_the_four_methods(tmp_path):
     store = write_store(tmp_path / "s", torch.randn(400, 4), shard_rows=150)
     methods = fit_baselines(PROFILE, store)
-    assert [(m.name, m.n) for m in methods] == [("residual basis", 8), ("random", PROFILE.d_sae), ("PCA", 8),
-                                                ("ICA", 8)]
+    assert [(m.name, m.n) for m in methods] == [("residual basis", 4), ("random", PROFILE.d_sae), ("PCA", 4),
+                                                ("ICA", 4)]
     assert all(m.encode(torch.randn(3, 4)).shape == (3, m.n) for m in methods)
 
 

@@ -28,3 +28,6 @@ def test_the_gpu_check_runs_every_benchmark_in_smoke_mode_and_each_prints_its_ta
         assert header is not None, f"{name} printed no tokens/s:\n{log.read_text()[-2000:]}"
         assert "peak" in log.read_text().lower(), f"{name} printed no peak memory"
         assert any(any(c.isdigit() for c in line) for line in lines[header + 1:]), f"{name} printed no results"
+    train = (tmp_path / "logs" / "train.log").read_text()
+    assert "| saelab-topk |" in train  # the sparse TopK step, beside sparsify (an optional dependency)
+    assert "| sparsify |" in train or "sparsify is not installed" in train

@@ -107,3 +107,53 @@ def test_concept_table_counts_positives_and_says_why_a_concept_is_skipped():
     assert table.at["digit", "skipped"] == "no positive token in the mae split (0 of 4)"
     assert table.at["newline", "skipped"] == "no negative token in the mae split (all 4 positive)"
     assert (table.drop(index=["digit", "newline"])["skipped"] == "").all()
+
+
+CODE = ["<|endoftext|>", ">>>", " f", "(", "x", ")", "\n", " def", " name", "`", "a", " the", " ", "()", ".", " of"]
+
+
+def code_grid(tokens: list[str]) -> dict[str, list[bool]]:
+    ids = torch.tensor([[CODE.index(t) for t in tokens]])
+    grid = concept_grid(ids, CODE)[0]
+    return {name: grid[:, i].tolist() for i, name in enumerate(CONCEPTS)}
+
+
+def positions(flags: list[bool]) -> list[int]:
+    return [i for i, flag in enumerate(flags) if flag]
+
+
+def test_context_concepts_read_what_precedes_the_token():
+    tokens = ["<|endoftext|>", ">>>", " f", "(", "x", "(", "x", ")", "a", ")", "\n", " def", " name", "`", "a", "`",
+              " the", "x", "\n", "a"]
+    g = code_grid(tokens)
+    assert positions(g["in_parens"]) == [4, 6, 8]  # depth counted from the context's start; parens themselves out
+    assert positions(g["doctest_line"]) == [2, 3, 4, 5, 6, 7, 8, 9]  # after '>>>' until the line break
+    assert positions(g["in_backticks"]) == [14]
+    assert positions(g["after_def"]) == [12]
+    assert positions(g["line_start"]) == [11, 19]
+    assert positions(g["after_the"]) == [17]
+
+
+def test_next_and_single_token_concepts():
+    tokens = ["x", " of", " the", "x", ".", "\n", "x", "()", "x"]
+    g = code_grid(tokens)
+    assert positions(g["before_newline"]) == [4] and positions(g["before_the"]) == [1]
+    assert positions(g["before_paren"]) == [6] and positions(g["before_period"]) == [3]
+    assert positions(g["token ' the'"]) == [2] and positions(g["token '.'"]) == [4]
+    assert positions(g["after_of"]) == [2] and not g["before_paren"][-1]  # the last token has no next here
+
+
+def test_every_concept_has_one_of_the_four_strata():
+    strata = {stratum for stratum, _ in CONCEPTS.values()}
+    assert strata == {"token", "class", "context", "next"}
+    assert len(CONCEPTS) >= 40 and all(sum(s == stratum for s, _ in CONCEPTS.values()) >= 8 for stratum in strata)
+
+
+def test_too_few_positives_are_skipped_with_the_count():
+    held_out = torch.zeros(100, len(CONCEPTS), dtype=torch.bool)
+    held_out[:60] = True
+    held_out[:, column("digit")] = False
+    held_out[:7, column("digit")] = True
+    table = concept_table({"held_out": held_out}, min_positives=50)
+    assert table.at["digit", "skipped"] == "7 positive tokens in the held_out split (fewer than 50)"
+    assert table.at["newline", "skipped"] == "" and table.at["newline", "stratum"] == "class"

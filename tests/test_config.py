@@ -105,6 +105,9 @@ def test_an_old_flat_profile_json_migrates_into_the_sections():
     ("interp_random_directions", -1, r"interp_random_directions=-1: an integer >= 0 \(random directions, 0 = d_sae\)"),
     ("interp_top_examples", 1, "interp_top_examples=1: an integer >= 2 .*an entropy needs at least 2"),
     ("interp_chunk_rows", 0, "interp_chunk_rows=0: an integer >= 1"),
+    ("interp_ks", (1, 0), r"interp_ks=\(1, 0\): one or more integers >= 1"),
+    ("interp_held_out_share", 1.0, "interp_held_out_share=1.0: a share of the documents, strictly between 0 and 1"),
+    ("interp_document_groups", 1, "interp_document_groups=1: an integer >= 2"),
 ])
 def test_invalid_values_say_what_to_change(field, value, message):
     with pytest.raises(ValueError, match=message):

@@ -176,3 +176,9 @@ def test_evaluate_sae_on_given_rows_equals_evaluating_those_rows():
     on_rows, copied = evaluate_sae(sae, x, batch_size=3, rows=rows), evaluate_sae(sae, x[rows])
     for name in ("l0", "fvu", "mse", "l1", "dead_fraction"):
         assert on_rows[name] == pytest.approx(copied[name], rel=1e-9), name
+
+
+def test_a_sparse_steps_kept_values_give_the_same_l0_mse_and_fvu():
+    dense = by_hand(X, X_HAT, H)
+    kept = from_sums(sums_of(X, H[H != 0], (X - X_HAT).pow(2).sum()))  # (nnz,) as TopK's sparse step returns
+    assert kept == {k: dense[k] for k in ("l0", "mse", "l1", "fvu", "normalised_mse")}

@@ -142,17 +142,20 @@ def test_sweep_figure_draws_the_mean_over_seeds():
 
 
 def test_interpretability_comparison_shows_each_method_with_its_interval():
-    summary = pd.DataFrame({"kind": ["baseline", "SAE"], "auc": [0.6, 0.8], "auc_low": [0.5, 0.7],
-                            "auc_high": [0.7, 0.9], "concepts": [2, 2], "entropy": [3.0, 1.0],
-                            "entropy_low": [2.5, 0.5], "entropy_high": [3.5, 1.5], "directions": [4, 4]},
-                           index=pd.Index(["PCA", "SAE tied_l1"], name="method"))
-    probing = pd.DataFrame({"method": ["PCA", "PCA", "SAE tied_l1", "SAE tied_l1"],
-                            "concept": ["digit", "newline"] * 2, "auc": [0.35, 0.85, 0.7, 0.9]})
-    fig = plots.interpretability_comparison(summary, probing, load_profile("offline"), "cpu", top_examples=8)
-    auc, entropy, dots = fig.data
-    assert list(auc.x) == ["PCA", "SAE tied_l1"] and list(entropy.y) == [3.0, 1.0]
-    assert list(auc.error_y.arrayminus) == pytest.approx([0.1, 0.1]) and list(dots.text) == list(probing["concept"])
-    assert fig.layout.yaxis.range[0] < 0.35  # a concept below chance stays on the chart
+    summary = pd.DataFrame({"method": ["PCA", "PCA", "SAE tied", "SAE tied", "dense probe"],
+                            "kind": ["baseline", "baseline", "SAE", "SAE", "ceiling"], "k": [1, 2, 1, 2, 64],
+                            "auc": [0.6, 0.7, 0.8, 0.85, 0.95], "auc_low": [0.5, 0.6, 0.7, 0.8, 0.94],
+                            "auc_high": [0.7, 0.8, 0.9, 0.9, 0.96], "concepts": [40] * 5})
+    simulation = pd.DataFrame({"kind": ["baseline", "SAE"], "score": [0.5, 0.7], "score_low": [0.4, 0.6],
+                               "score_high": [0.6, 0.8], "directions": [50, 50]},
+                              index=pd.Index(["PCA", "SAE tied"], name="method"))
+    fig = plots.interpretability_comparison(summary, simulation, load_profile("offline"), "cpu")
+    pca, sae, bars = fig.data
+    assert (pca.name, list(pca.x), list(pca.y)) == ("PCA", ["1", "2"], [0.6, 0.7])
+    assert list(sae.error_y.arrayminus) == pytest.approx([0.1, 0.05]) and sae.line.dash == "solid"
+    assert list(bars.x) == ["PCA", "SAE tied"] and list(bars.y) == [0.5, 0.7]
+    assert any("dense probe 0.950" in (a.text or "") for a in fig.layout.annotations)  # the ceiling, drawn once
+    assert "mean of 40 concepts" in fig.layout.annotations[0].text
     assert "offline" in fig.layout.title.text and "cpu" in fig.layout.title.text
 
 

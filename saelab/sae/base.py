@@ -47,7 +47,8 @@ class Losses(NamedTuple):
     mse: torch.Tensor  # loss.reconstruction_mse(x, x_hat)
     sparsity: torch.Tensor  # the penalty before its coefficient: E||h||_1, E||h||_0, or 0 (TopK)
     aux: torch.Tensor  # the auxiliary loss after its coefficient (AuxK), or 0
-    h: torch.Tensor  # (batch, d_sae) the codes used in training, detached
+    h: torch.Tensor  # (batch, d_sae) the codes used in training, detached; a sparse step (TopK) gives only the
+    #                  kept values (nnz,): count_nonzero(h) / batch is the L0 either way
     mass: torch.Tensor  # (d_sae,) sum of h over the batch: > 0 exactly for the latents that fired
 
     def detach(self) -> Losses:

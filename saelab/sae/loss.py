@@ -47,6 +47,30 @@ def topk_aux_loss(pre: torch.Tensor, dead: torch.Tensor, residual: torch.Tensor,
     return loss * dead.any()
 
 
+def dead_topk(pre: torch.Tensor, dead: torch.Tensor, aux_k: int, capturable: bool):
+    """AuxK's entries, for a sparse step: each token's top-aux_k pre-activations among dead latents, as
+    (values, latents, factor), values and latents (batch, m); the term is factor * the loss above with
+    z = ReLU(values) at those latents. Or None when no latent is dead.
+
+    capturable (CUDA): live latents masked to -inf as above, m = min(aux_k, d_sae), factor = dead.any(): no
+    host sync, so the step can be captured. Else (CPU, where a host sync costs nothing) only the dead
+    latents are searched (m = min(aux_k, number dead)) and factor = 1: what it leaves out are the entries
+    the -inf mask gives weight 0, so the term and its gradients are the same.
+    """
+    batch = pre.shape[0]
+    if capturable:
+        top = pre.masked_fill(~dead, float("-inf")).topk(min(aux_k, pre.shape[-1]), dim=-1, sorted=False)
+        return top.values, top.indices, dead.any().to(pre.dtype)
+    latents = dead.nonzero().squeeze(1)  # (number dead,)
+    if latents.numel() == 0:
+        return None
+    among = pre.index_select(1, latents)  # (batch, number dead)
+    if latents.numel() <= aux_k:
+        return among, latents.expand(batch, -1), 1.0
+    top = among.topk(aux_k, dim=-1, sorted=False)
+    return top.values, latents[top.indices], 1.0
+
+
 def rectangle(u: torch.Tensor) -> torch.Tensor:
     """The kernel of the straight-through estimator below: 1 where |u| < 1/2, else 0."""
     return (u.abs() < 0.5).to(u.dtype)

@@ -4,30 +4,31 @@ Cunningham et al. 2023 (§3) score SAE features against four other ways to pick 
 residual stream; each "method" here turns activations x (rows, d_in) into one activation per token
 per direction, (rows, n):
 
-    residual basis   x_i - mean_i, each dimension and its negation        2·d_in directions
+    residual basis   x_i - mean_i, each dimension                        d_in directions
     random           (x - mean) · r, r a seeded random unit vector        interp_random_directions (0 = d_sae)
-    PCA              (x - mean) · u, u an eigenvector of the covariance,  2·d_in directions
-                     and its negation (the covariance is exact: one streamed pass, float64)
-    ICA              scikit-learn FastICA's sources and their negations,   2·interp_ica_components
+    PCA              (x - mean) · u, u an eigenvector of the covariance   d_in directions
+                     (the covariance is exact: one streamed pass, float64)
+    ICA              scikit-learn FastICA's sources                       interp_ica_components (0 = d_in)
                      fitted on a seeded sample of interp_ica_fit_rows rows
     SAE              sae.encode(x), the features as trained (notebook 03) d_sae each
 
-Why negations: a linear direction's sign is arbitrary (PCA, ICA) or means nothing special (a residual
-dimension), while an SAE feature fires one way; with both signs, "high activation = concept present"
-is fair to each. A random direction's negation is as random as it, so random directions stay one-signed.
-Centring at the training mean changes no ranking (probing and top examples are ranks); it only makes
-"activity", the total positive activation, comparable with an SAE feature's total activation.
+Signs are handled the same way for every method, so no method gets its directions twice: probing
+picks directions by the absolute mean difference and lets the probe's weight carry the sign
+(SAEBench's rule), and simulation scoring ranks examples by |activation| and scores a correlation,
+which a sign flip leaves unchanged.
+Centring at the training mean changes no ranking; it puts a linear direction's zero at its mean.
 """
 
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
 from saelab import paths
+from saelab.devices import accumulator_dtype, module_on
 from saelab.features.analysis import check_matches
 from saelab.sae import SAE
 from saelab.store import ActivationStore
@@ -35,30 +36,27 @@ from saelab.store import ActivationStore
 
 @dataclass
 class LinearDirections:
-    """(x - centre) @ weight, and its negation when both_signs: (rows, n) activations."""
+    """(x - centre) @ weight: (rows, n) activations, one per direction."""
 
     name: str
     weight: torch.Tensor  # (d_in, k) read-out directions, one per column
     centre: torch.Tensor  # (d_in,)
-    both_signs: bool = True
-    prefix: str = "dim"  # how a direction is labelled: "dim 3", "-dim 3"
+    prefix: str = "dim"  # how a direction is labelled: "dim 3"
     note: str = ""
 
     @property
     def n(self) -> int:
-        return self.weight.shape[1] * (2 if self.both_signs else 1)
+        return self.weight.shape[1]
 
     def to(self, device) -> LinearDirections:
-        self.weight, self.centre = self.weight.to(device), self.centre.to(device)
-        return self
+        """These directions on `device` (a new object; tensors are copied only when they move)."""
+        return replace(self, weight=self.weight.to(device), centre=self.centre.to(device))
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        a = (x - self.centre) @ self.weight  # (rows, k)
-        return torch.cat([a, -a], dim=1) if self.both_signs else a
+        return (x - self.centre) @ self.weight  # (rows, n)
 
     def label(self, j: int) -> str:
-        k = self.weight.shape[1]
-        return f"-{self.prefix} {j - k}" if j >= k else f"{self.prefix} {j}"
+        return f"{self.prefix} {j}"
 
 
 @dataclass
@@ -73,8 +71,9 @@ class SAEDirections:
     n = property(lambda self: self.sae.d_sae)
 
     def to(self, device) -> SAEDirections:
-        self.sae = self.sae.to(device).eval()
-        return self
+        """These features on `device`: the SAE itself if it lives there, else a copy (`devices.module_on`),
+        so the caller's SAE never moves (nn.Module.to moves in place)."""
+        return replace(self, sae=module_on(self.sae, device).eval())
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return self.sae.encode(x)
@@ -87,22 +86,19 @@ class SAEDirections:
 def moments_and_sample(store: ActivationStore, n_sample: int, seed: int, device="cpu", chunk_rows: int = 4096):
     """One pass: mean (d_in,) and covariance (d_in, d_in) of every row (float64; float32 on MPS, which
     has none), and a seeded sample of n_sample rows (n_sample, d_in) float32 on the CPU, for ICA."""
-    device = torch.device(device)
-    acc = torch.float32 if device.type == "mps" else torch.float64
+    acc = accumulator_dtype(device)
     picked = torch.zeros(store.n_rows, dtype=torch.bool)
     picked[torch.randperm(store.n_rows, generator=torch.Generator().manual_seed(seed))[:n_sample]] = True
-    total, outer, shift, sample, first = None, None, None, [], 0
-    for shard in store.iter_shards():
-        for start in range(0, shard["activations"].shape[0], chunk_rows):
-            x = shard["activations"][start:start + chunk_rows].to(torch.float32)  # (rows, d_in)
-            sample.append(x[picked[first:first + len(x)]])
-            first += len(x)
-            x = x.to(device, acc)
-            if shift is None:  # subtract a first guess of the mean: E[xx^T] - mm^T cancels less
-                shift, total, outer = x.mean(0), x.new_zeros(x.shape[1]), x.new_zeros(x.shape[1], x.shape[1])
-            x = x - shift
-            total += x.sum(0)
-            outer += x.T @ x
+    total, outer, shift, sample = None, None, None, []
+    for chunk in store.chunks(chunk_rows):
+        x = chunk.activations  # (rows, d_in) float32 on the CPU
+        sample.append(x[picked[chunk.first_row:chunk.first_row + len(x)]])
+        x = x.to(device, acc)
+        if shift is None:  # subtract a first guess of the mean: E[xx^T] - mm^T cancels less
+            shift, total, outer = x.mean(0), x.new_zeros(x.shape[1]), x.new_zeros(x.shape[1], x.shape[1])
+        x = x - shift
+        total += x.sum(0)
+        outer += x.T @ x
     if shift is None:
         raise ValueError(f"the store at {store.directory} holds no rows; rerun notebook 02")
     mean = total / store.n_rows
@@ -112,7 +108,7 @@ def moments_and_sample(store: ActivationStore, n_sample: int, seed: int, device=
 
 def random_directions(d_in: int, n: int, seed: int, mean: torch.Tensor) -> LinearDirections:
     weight = torch.randn(d_in, n, generator=torch.Generator().manual_seed(seed))
-    return LinearDirections("random", weight / weight.norm(dim=0), mean.float(), both_signs=False, prefix="rand",
+    return LinearDirections("random", weight / weight.norm(dim=0), mean.float(), prefix="rand",
                             note=f"{n} seeded random unit directions")
 
 
@@ -152,7 +148,7 @@ def fit_baselines(profile, store: ActivationStore, device="cpu") -> list[LinearD
     mean, covariance, sample = moments_and_sample(store, profile.interp_ica_fit_rows, profile.seed, device,
                                                   profile.interp_chunk_rows)
     d_in = store.d_in
-    residual = LinearDirections("residual basis", torch.eye(d_in), mean.float(), note=f"{d_in} dimensions, ± each")
+    residual = LinearDirections("residual basis", torch.eye(d_in), mean.float(), note=f"all {d_in} dimensions")
     n_random = profile.interp_random_directions or profile.d_sae
     n_ica = min(profile.interp_ica_components or d_in, d_in, len(sample))
     return [residual, random_directions(d_in, n_random, profile.seed, mean), pca_directions(mean, covariance),
