@@ -248,15 +248,23 @@ def describe_lm(measured: pd.Series) -> str:
             f"Zero-ablating the hook raises CE by {gap:.2f} nats ({ablation}).")
 
 
-def at_initialisation(model, seed: int = 0):
+def init_std(profile: Profile) -> float:
+    """The weight std the profile's language model was initialised with: offline_lm.INIT_STD for the
+    offline model saelab trains, GPT-2's 0.02 otherwise (the random offline model, GPT-2 itself)."""
+    return offline_lm.INIT_STD if profile.is_offline and profile.offline_lm == "trained" else 0.02
+
+
+def at_initialisation(model, seed: int = 0, std: float = 0.02):
     """A seeded random-weight GPT-2 of `model`'s shape, with its tokenizer, on its device: the same
-    pipeline run on it shows what training adds (notebook 04)."""
+    pipeline run on it shows what training adds (notebook 04). With the seed and init std the model was
+    built with (`init_std(profile)`, profile.seed), it is that model at step 0: the offline model saelab
+    trains starts from exactly these weights (offline_lm.initial_model)."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     c = model.cfg
     config = GPT2Config(vocab_size=c.d_vocab, n_positions=c.n_ctx, n_embd=c.d_model, n_layer=c.n_layers,
                         n_head=c.n_heads, n_inner=c.d_mlp, activation_function=c.act_fn, resid_pdrop=0.0,
-                        embd_pdrop=0.0, attn_pdrop=0.0)
+                        embd_pdrop=0.0, attn_pdrop=0.0, initializer_range=std)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         twin = hooked_from_hf(GPT2LMHeadModel(config).eval(), model.tokenizer)
