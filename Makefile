@@ -40,14 +40,17 @@ setup: $(VENV)/.installed
 workbook: setup
 	$(PY) -m saelab.workbook $(NOTEBOOKS)
 
-# Unit tests and every notebook under nbmake, always in the offline profile. The notebooks run
-# from scratch in runs/test (SAELAB_ROOT), so tests never rewrite the committed figures/. Both run at
-# once (each keeps about one core busy); the unit tests' report is printed when both have ended.
+# Unit tests and every notebook under nbmake. The notebooks run the offline pipeline at a smaller setting,
+# profile offline-test (saelab/config.py: offline with shorter training), so that `make workbook` can train
+# for real while the tests stay fast. They run from scratch in runs/test (SAELAB_ROOT), so tests never
+# rewrite the committed figures/. Both run at once (each keeps about one core busy); the unit tests'
+# report is printed when both have ended.
 TEST_ROOT := $(CURDIR)/runs/test
+TEST_PROFILE := offline-test
 test: setup
 	rm -rf $(TEST_ROOT) && mkdir -p $(TEST_ROOT)
 	SAELAB_PROFILE=offline WANDB_MODE=disabled $(PY) -m pytest tests > $(TEST_ROOT)/unit-tests.log 2>&1 & unit=$$!; \
-	SAELAB_ROOT=$(TEST_ROOT) SAELAB_PROFILE=offline WANDB_MODE=disabled \
+	SAELAB_ROOT=$(TEST_ROOT) SAELAB_PROFILE=$(TEST_PROFILE) WANDB_MODE=disabled \
 		$(PY) -m pytest --nbmake --nbmake-timeout=900 $(NOTEBOOKS); notebooks=$$?; \
 	wait $$unit; units=$$?; cat $(TEST_ROOT)/unit-tests.log; \
 	test $$units -eq 0 && test $$notebooks -eq 0

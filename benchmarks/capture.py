@@ -13,7 +13,8 @@ the hub. Token ids are random (BOS first): a forward pass costs the same whateve
 The batch is saelab's (`capture.capture_batch`: capture_batch_size on the CPU, larger on CUDA)
 unless --batch-size names others. On CUDA a short capture of the "mae" split warms the GPU up first.
 
-Each case runs in its own process, because peak RSS (ru_maxrss) never goes down within one.
+Shards are written by capture's background thread (`saelab.data.capture.ShardBuffer`), so the GPU does not
+wait for the disk. Each case runs in its own process, because peak RSS (ru_maxrss) never goes down within one.
 If memory is bounded by one shard plus one batch, the capture's peak is the same for both sizes.
 Not a test: nothing here is asserted.
 """

@@ -8,8 +8,12 @@
     python benchmarks/train.py --interleaved --trainers saelab-topk,sparsify,saelab --steps 3 --rounds 10
 
 Trainers (each measured in a fresh process, so each peak memory is its own):
-  saelab        `train_sae` on the seed's tied SAE, float32 (TF32 matmuls on CUDA), its step a CUDA graph on CUDA
-  saelab-bf16   the same with dtype="bfloat16" (autocast; weights and Adam float32)
+  saelab        `train_sae` on the seed's tied SAE, float32 (TF32 matmuls on CUDA), its step a CUDA graph on CUDA;
+                the weight gradient is one GEMM (TiedSAE.weight_gradient = "one_gemm")
+  saelab-two-gemms  the same with the earlier weight gradient, two GEMMs (x^T q, then g^T h accumulated)
+  saelab-bf16   dtype="bfloat16", written out: float32 master weights and Adam, a bfloat16 copy of W each step,
+                bfloat16 codes, float32-accumulated weight gradient
+  saelab-bf16-autocast  the earlier bfloat16: two GEMMs' step under autocast (weights and Adam float32)
   saelab-eager  CUDA only: cuda_graph=False, to show what the graph buys
   saelab-host   CUDA only: the activations left in host memory, streamed through pinned chunks
   saelab-compile CUDA only: the eager step under torch.compile(mode="reduce-overhead") instead of saelab's graph
@@ -46,8 +50,9 @@ import time
 
 import torch
 
-TRAINERS = ("saelab", "saelab-bf16", "saelab-eager", "saelab-host", "saelab-compile", "seed", "saelens",
-            "saelab-topk", "saelab-topk-dense", "saelab-batchtopk", "sparsify")
+TRAINERS = ("saelab", "saelab-two-gemms", "saelab-bf16", "saelab-bf16-autocast", "saelab-eager", "saelab-host",
+            "saelab-compile", "seed", "saelens", "saelab-topk", "saelab-topk-dense", "saelab-batchtopk", "sparsify")
+TWO_GEMMS = ("saelab-two-gemms", "saelab-bf16-autocast")  # the earlier tied step, kept to compare
 K_SPARSE = ("saelab-topk", "saelab-topk-dense", "saelab-batchtopk", "sparsify")  # trained at k = --k
 CUDA_ONLY = ("saelab-eager", "saelab-host", "saelab-compile")
 
@@ -91,7 +96,7 @@ def saelab_runner(args, data: torch.Tensor):
 
     if args.worker == "saelab-host":  # as if the data were larger than the GPU: it stays in host memory
         batching.fits_on_device = lambda *a, **k: False
-    options = {"dtype": "bfloat16"} if args.worker == "saelab-bf16" else {}
+    options = {"dtype": "bfloat16"} if args.worker.startswith("saelab-bf16") else {}
     if args.worker in ("saelab-eager", "saelab-compile"):
         options["cuda_graph"] = False
     if args.worker == "saelab-compile":
@@ -111,6 +116,7 @@ def saelab_runner(args, data: torch.Tensor):
             run.sae.sparse_backward = not args.worker.endswith("-dense")
         else:
             run.sae = SAE(args.d_in, args.d_sae).to(args.device)
+            run.sae.weight_gradient = "two_gemms" if args.worker in TWO_GEMMS else "one_gemm"
         train_sae(run.sae, data[:-args.held_out], device=args.device, epochs=1, batch_size=args.batch, max_steps=steps,
                   progress=False, **options)
     return run
@@ -267,8 +273,9 @@ def worker(args) -> None:
 
 
 def profile_kernels(args) -> None:
-    """The kernels of 20 eager saelab steps at these shapes (float32/TF32 and bfloat16), by GPU time: every
-    GEMM should run on a Hopper (sm90) kernel on an H100."""
+    """The kernels of 20 saelab steps at these shapes, by GPU time, for the one-GEMM and two-GEMM weight
+    gradients in float32/TF32 and the written-out bfloat16 step: every GEMM should run on a Hopper (sm90)
+    kernel on an H100. Eager steps, so each kernel is listed; the kernels per step are what the graph replays."""
     from torch.profiler import ProfilerActivity, profile
 
     from saelab.sae import SAE
@@ -276,8 +283,9 @@ def profile_kernels(args) -> None:
 
     torch.backends.cuda.matmul.allow_tf32 = True
     device, x = torch.device(args.device), torch.randn(args.batch, args.d_in, device=args.device)
-    for dtype in (torch.float32, torch.bfloat16):
+    for gradient, dtype in (("one_gemm", torch.float32), ("two_gemms", torch.float32), ("one_gemm", torch.bfloat16)):
         sae = SAE(args.d_in, args.d_sae).to(device)
+        sae.weight_gradient = gradient
         stepper = Stepper(sae, make_adam(sae, 1e-3, device), RunningStats(args.d_sae, device, 10**9), device, dtype)
         stepper.set_lr(1e-3)
         stepper.set_sparsity(1e-3)
@@ -288,8 +296,11 @@ def profile_kernels(args) -> None:
                 stepper(x, args.batch)
             torch.cuda.synchronize()
         events = sorted(prof.key_averages(), key=lambda e: -e.device_time_total)
-        print(f"\n{dtype}: kernels by GPU time over 20 steps (ms total, calls, name)")
-        for e in events[:14]:
+        kernels = sum(e.count for e in events if e.device_time_total > 0) / 20
+        busy = sum(e.device_time_total for e in events) / 20
+        print(f"\n{gradient}, {dtype}: {kernels:.0f} kernels and {busy:.0f} us of GPU time per step; "
+              "by GPU time over 20 steps (ms total, calls, name)")
+        for e in events[:16]:
             gemm = any(word in e.key.lower() for word in ("gemm", "matmul", "sm80", "sm90", "cutlass"))
             mark = (" <- GEMM, sm90" if "sm90" in e.key else " <- GEMM, NOT sm90") if gemm else ""
             print(f"{e.device_time_total / 1e3:8.2f} {e.count:5d}  {e.key[:110]}{mark}")
@@ -331,10 +342,10 @@ def main(args) -> dict:
                 continue
             if out.returncode != 0:  # reported in the table; the other trainers still run
                 failed[name] = (out.stderr.strip().splitlines() or ["no output"])[-1][:150]
-                print(f"  round {round_ + 1} {name:13s} FAILED:\n{out.stderr[-2000:]}", flush=True)
+                print(f"  round {round_ + 1} {name:20s} FAILED:\n{out.stderr[-2000:]}", flush=True)
                 continue
             runs[name].append(json.loads(out.stdout.strip().splitlines()[-1]))
-            print(f"  round {round_ + 1} {name:13s} {runs[name][-1]['tokens_per_s']:12,.0f} tokens/s", flush=True)
+            print(f"  round {round_ + 1} {name:20s} {runs[name][-1]['tokens_per_s']:12,.0f} tokens/s", flush=True)
     train_rows = round(args.rows * 0.9)
     memory = "peak GPU MiB" if args.device.startswith("cuda") else "peak RSS MiB"
     print(f"\n| trainer | tokens/s | 100 epochs of {train_rows:,} rows | MFU | {memory} | FVU | L0 |")

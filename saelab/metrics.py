@@ -106,15 +106,37 @@ def evaluate_sae(sae, activations: torch.Tensor, batch_size: int = 4096, rows: t
 
 
 @torch.no_grad()
+def hook_mean(lm, tokens: torch.Tensor, hook: str, batch_size: int = 8,
+              skip_first_position: bool = True) -> torch.Tensor:
+    """(d_in,) mean of the activation at `hook` over the positions of `tokens` that an SAE replaces (all
+    but position 0 when skip_first_position): the mean-ablation baseline of `ce_loss_recovered`."""
+    device, layer, start = device_of(lm), int(hook.split(".")[1]), 1 if skip_first_position else 0
+    total, count = None, 0
+    for batch in tokens.split(batch_size):
+        _, cache = lm.run_with_cache(batch.to(device), names_filter=[hook], stop_at_layer=layer + 1)
+        act = cache[hook][:, start:].double()  # (batch, pos, d_in)
+        total = act.sum((0, 1)) if total is None else total + act.sum((0, 1))
+        count += act.shape[0] * act.shape[1]
+    if not count:
+        raise ValueError("tokens must hold at least one context with a position to ablate")
+    return (total / count).float()
+
+
+@torch.no_grad()
 def ce_loss_recovered(lm, sae, tokens: torch.Tensor, hook: str, batch_size: int = 8,
-                      skip_first_position: bool = True) -> dict[str, float]:
+                      skip_first_position: bool = True, mean: torch.Tensor | None = None) -> dict[str, float]:
     """Splice the SAE's reconstruction into `lm` (a TransformerLens HookedTransformer) at `hook`:
 
-        recovered = (CE_zero - CE_sae) / (CE_zero - CE_clean)
+        recovered      = (CE_zero - CE_sae) / (CE_zero - CE_clean)     zero-ablation floor (SAELens' metric)
+        recovered_mean = (CE_mean - CE_sae) / (CE_mean - CE_clean)     mean-ablation floor
+        delta_ce       = CE_sae - CE_clean                              nats per token the SAE costs
 
     CE is next-token cross-entropy averaged over all predicted tokens of `tokens` (contexts, pos);
-    CE_zero replaces the activation by zeros. Also KL(clean || spliced) per token, for both.
-    With `skip_first_position`, position 0 (BOS) keeps its clean activation in both ablations,
+    CE_zero replaces the activation by zeros, CE_mean by its mean over the same tokens (`mean`, (d_in,),
+    else `hook_mean` of `tokens`). The zero floor can lie far above a unigram model's CE, which flatters
+    the ratio; the mean floor keeps what the average residual carries (a harder, fairer baseline). Also
+    KL(clean || spliced) per token, nats, for each: kl_sae is the SAE's damage to the clean predictions.
+    With `skip_first_position`, position 0 (BOS) keeps its clean activation in every ablation,
     matching an SAE trained without position 0 (profile.exclude_first_position).
     Runs where `lm` lives: tokens go there, and so does a copy of the SAE if it lives elsewhere
     (the caller's SAE is not moved).
@@ -122,7 +144,10 @@ def ce_loss_recovered(lm, sae, tokens: torch.Tensor, hook: str, batch_size: int 
     device = device_of(lm)
     sae = module_on(sae, device)
     start = 1 if skip_first_position else 0
-    sums = {"ce_clean": 0.0, "ce_sae": 0.0, "ce_zero": 0.0, "kl_sae": 0.0, "kl_zero": 0.0}
+    mean = (hook_mean(lm, tokens, hook, batch_size, skip_first_position) if mean is None else mean).to(device)
+    replacements = {"sae": lambda v: sae(v.float()).x_hat.to(v.dtype), "zero": torch.zeros_like,
+                    "mean": lambda v: mean.to(v.dtype).expand_as(v)}
+    sums = {f"{kind}_{name}": 0.0 for kind in ("ce", "kl") for name in replacements} | {"ce_clean": 0.0}
     n_tokens = 0
     for batch in tokens.split(batch_size):
         batch = batch.to(device)
@@ -132,15 +157,11 @@ def ce_loss_recovered(lm, sae, tokens: torch.Tensor, hook: str, batch_size: int 
             return act
 
         clean = lm(batch).log_softmax(-1)  # (batch, pos, vocab)
-        spliced = {
-            "sae": lm.run_with_hooks(batch, fwd_hooks=[(hook, lambda a, hook: splice(a, hook, lambda v: sae(
-                v.float()).x_hat.to(v.dtype)))]).log_softmax(-1),
-            "zero": lm.run_with_hooks(batch, fwd_hooks=[(hook, lambda a, hook: splice(
-                a, hook, torch.zeros_like))]).log_softmax(-1),
-        }
         targets = batch[:, 1:, None]  # (batch, pos - 1, 1): next tokens
         sums["ce_clean"] += -clean[:, :-1].gather(-1, targets).sum().item()
-        for name, logp in spliced.items():
+        for name, fn in replacements.items():
+            logp = lm.run_with_hooks(batch, fwd_hooks=[(hook, lambda a, hook, fn=fn: splice(a, hook, fn))]
+                                     ).log_softmax(-1)
             sums[f"ce_{name}"] += -logp[:, :-1].gather(-1, targets).sum().item()
             sums[f"kl_{name}"] += (clean.exp() * (clean - logp)).sum(-1)[:, :-1].sum().item()
         n_tokens += targets.numel()
@@ -148,6 +169,8 @@ def ce_loss_recovered(lm, sae, tokens: torch.Tensor, hook: str, batch_size: int 
         raise ValueError("tokens must hold at least one context of 2 or more positions")
     out = {name: total / n_tokens for name, total in sums.items()}
     out["ce_loss_recovered"] = (out["ce_zero"] - out["ce_sae"]) / (out["ce_zero"] - out["ce_clean"])
+    out["ce_loss_recovered_mean"] = (out["ce_mean"] - out["ce_sae"]) / (out["ce_mean"] - out["ce_clean"])
+    out["delta_ce"] = out["ce_sae"] - out["ce_clean"]
     return out
 
 
@@ -176,7 +199,8 @@ ILL_CONDITIONED_GAP = 0.05
 
 
 def describe_ce(ce: dict[str, float]) -> str:
-    """One line to print next to the CE loss recovered number, with its caveat when it needs one."""
+    """One line to print next to the CE loss recovered number: which floor it uses, ΔCE in nats, the
+    mean-ablation floor and KL beside it (when `ce` has them), and a caveat when the ratio misleads."""
     gap, recovered = ce["ce_zero"] - ce["ce_clean"], ce["ce_loss_recovered"]
     if gap < ILL_CONDITIONED_GAP:
         return (f"Caveat: zeroing the residual stream raises CE by only {gap:.3f} nats here, so CE loss recovered "
@@ -185,5 +209,12 @@ def describe_ce(ce: dict[str, float]) -> str:
         side = "below the clean model's" if recovered > 1 else "above the zero-ablated model's"
         return (f"Caveat: CE loss recovered {recovered:.0%} is outside 0-100%: CE with the SAE spliced in "
                 f"({ce['ce_sae']:.3f}) is {side}.")
-    return (f"CE loss recovered {recovered:.1%}: the SAE adds {ce['ce_sae'] - ce['ce_clean']:.3f} nats of CE "
-            f"out of the {gap:.3f} that zeroing the residual stream costs.")
+    line = (f"CE loss recovered {recovered:.1%} against the zero-ablation floor: the SAE adds "
+            f"ΔCE = {ce['ce_sae'] - ce['ce_clean']:.3f} nats of CE out of the {gap:.3f} that zeroing the residual "
+            "stream costs")
+    if "ce_mean" in ce and ce["ce_mean"] - ce["ce_clean"] >= ILL_CONDITIONED_GAP:
+        line += (f"; against the mean-ablation floor (+{ce['ce_mean'] - ce['ce_clean']:.3f} nats) it recovers "
+                 f"{ce['ce_loss_recovered_mean']:.1%}")
+    if "kl_sae" in ce:
+        line += f"; KL to the clean predictions {ce['kl_sae']:.4f} nats/token"
+    return line + "."

@@ -371,8 +371,10 @@ def sweep_figure(results: pd.DataFrame, profile: Profile, device: str | None = N
                  true_l0: float | None = None) -> go.Figure:
     """Notebook 05: MMCS (top row) and L0 (bottom row) against each architecture's sparsity knob (log x),
     a column per architecture, a line per d_sae. results: columns architecture, d_sae, knob, knob_value,
-    mmcs, l0 (as `ground_truth.sweep`)."""
+    mmcs, l0 (as `ground_truth.sweep`); with several seeds, each point is their mean."""
     architectures = list(dict.fromkeys(results["architecture"]))
+    results = results.groupby(["architecture", "d_sae", "knob", "knob_value"], sort=False)[["mmcs", "l0"]].mean()
+    results = results.reset_index()
     long = results.melt(id_vars=["architecture", "d_sae", "knob_value"], value_vars=["mmcs", "l0"],
                         var_name="metric", value_name="value")
     long["d_sae"] = long["d_sae"].astype(str)  # discrete colours, one per dictionary size

@@ -28,6 +28,8 @@ PERCENT = {  # fraction column (0..1) -> the percent column tables show instead
     "dead_fraction": "dead_pct",
     "dense_fraction": "dense_pct",
     "recovered": "recovered_pct",
+    "recovered_sd": "recovered_sd_pct",
+    "chance_recovered": "chance_recovered_pct",
     "ce_loss_recovered": "ce_loss_recovered_pct",
 }
 DIGITS = 4  # significant digits shown: differences below this are float noise for an SAE metric

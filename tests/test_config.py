@@ -48,7 +48,7 @@ def test_explicit_name_beats_environment(monkeypatch):
 
 
 def test_unknown_profile_lists_valid_names():
-    with pytest.raises(ValueError, match=r"unknown profile 'gtp2'.*\['gpt2', 'offline', 'quick'\]"):
+    with pytest.raises(ValueError, match=r"unknown profile 'gtp2'.*\['gpt2', 'offline', 'offline-test', 'quick'\]"):
         load_profile("gtp2")
 
 
@@ -228,3 +228,16 @@ def test_the_banner_names_the_sae_that_notebook_04_analyses():
     assert "the SAE in /data/saes/gpt2_res_l6 (sae_path" in text and "SAE 64->512" not in text
     own = f"SAE 64->{OFFLINE.d_sae} ({OFFLINE.sae.architecture}), {OFFLINE.train.epochs} epochs"
     assert own in OFFLINE.banner("cpu")
+
+
+def test_make_tests_setting_is_the_offline_pipeline_with_shorter_training():
+    """`make test` runs the notebooks with offline-test: the same data, model, hook and SAE shape as
+    `make workbook`'s offline, only training and notebook 05 shorter."""
+    from saelab.config import OFFLINE_TEST
+
+    def flat(p):  # every setting by its own name, the sections' included
+        return {**p.to_dict(), **p.to_dict()["sae"], **p.to_dict()["train"]}
+
+    changed = {f for f, v in flat(OFFLINE_TEST).items() if v != flat(OFFLINE)[f]} - {"sae", "train"}
+    assert changed <= {"name", "epochs", "lr", "synth_samples", "synth_epochs", "synth_seeds"}
+    assert OFFLINE_TEST.epochs < OFFLINE.epochs and OFFLINE_TEST.target_l0 == OFFLINE.target_l0 > 0

@@ -49,9 +49,21 @@ def test_train_and_mae_use_disjoint_documents(tiny):
     documents = [d for _, d in zip(range(32), iter_documents(tiny), strict=False)]
     info = tokens.read_info(tiny)["splits"]
     assert (info["train"]["documents"], info["mae"]["documents"]) == (24, 8)
+    split = tokens.split_documents(tiny)
+    assert sorted(split["train"] + split["mae"]) == list(range(32)) and not set(split["train"]) & set(split["mae"])
     tokenizer = tokens.load_tokenizer(tiny)
     first_mae = tokenizer.decode(tokens.load_tokens(tiny, "mae")[0]["input_ids"][1:6])
-    assert documents[24].startswith(first_mae) and not documents[0].startswith(first_mae)
+    assert documents[split["mae"][0]].startswith(first_mae) and not documents[split["train"][0]].startswith(first_mae)
+
+
+def test_held_out_documents_are_a_seeded_draw_not_a_block(tiny):
+    """A fifth of the documents, drawn with the profile's seed: spread over the source, the same each run."""
+    profile = tiny.replace(n_texts=400, mae_texts=100)
+    held = tokens.split_documents(profile)["mae"]
+    assert len(held) == 100 and held == tokens.split_documents(profile)["mae"]
+    assert max(held) - min(held) > 300 and max(b - a for a, b in zip(held, held[1:], strict=False)) < 50
+    assert sum(i < 250 for i in held) in range(35, 66)  # both halves of the source hold some: not one block
+    assert tokens.split_documents(profile.replace(seed=1))["mae"] != held
 
 
 def test_rebuild_is_skipped_when_settings_match(tiny, monkeypatch):

@@ -58,6 +58,9 @@ def test_sweep_trains_every_point_once():
     results = sweep(data, knobs={"l1_coefficient": (1e-3, 1e-2), "k": (1,), "l0_coefficient": (1e-3,)},
                     dict_sizes=(8, 16), epochs=1, progress=False)
     assert len(results) == 2 * (2 * 2 + 2 * 1 + 1)  # sizes x (two L1 architectures x 2 λ + two k ones + λ0)
+    two_seeds = sweep(data, knobs={"k": (1,)}, architectures=("topk",), dict_sizes=(8,), epochs=1, seeds=(0, 1),
+                      progress=False)
+    assert two_seeds.seed.tolist() == [0, 1] and two_seeds.mmcs.nunique() == 2  # another initialisation
     assert set(results.columns) >= {"architecture", "d_sae", "knob", "knob_value", "mmcs", "mmcs_learned",
                                     "hungarian", "recovered", "l0", "fvu"}
     assert (results.loc[results.architecture == "topk", "knob"] == "k").all()
@@ -77,11 +80,47 @@ def test_bad_sweeps_are_refused(kwargs, message):
                        **kwargs})
 
 
-def test_best_per_architecture_picks_the_highest_mmcs():
-    results = pd.DataFrame({"architecture": ["topk", "topk", "standard"], "knob_value": [2, 4, 1e-3],
-                            "mmcs": [0.5, 0.9, 0.7]})
-    best = best_per_architecture(results)
+def hand_results() -> pd.DataFrame:
+    """Two seeds per setting. topk k=4 has the best MMCS (the oracle's) but L0 4 > budget 2 x 1.15; among
+    settings within the budget, k=2 has the lower held-out FVU. standard: only λ 1e-2 is sparse enough."""
+    rows = [("topk", 1, 1, 0.5, 1.0, 0.6), ("topk", 2, 2, 0.7, 2.0, 0.3), ("topk", 4, 4, 0.9, 4.0, 0.1),
+            ("standard", 1e-3, None, 0.8, 6.0, 0.05), ("standard", 1e-2, None, 0.6, 2.2, 0.2)]
+    return pd.DataFrame([{"architecture": a, "d_sae": 16, "knob": "k" if a == "topk" else "λ", "knob_value": v,
+                          "seed": seed, "mmcs": m + 0.02 * seed, "mmcs_learned": m, "hungarian": m,
+                          "recovered": m, "l0": l0, "fvu": fvu + 0.01 * seed}
+                         for a, v, _, m, l0, fvu in rows for seed in (0, 1)])
+
+
+def test_best_per_architecture_is_the_oracle_by_mean_mmcs_over_seeds():
+    best = best_per_architecture(hand_results())
     assert list(best.architecture) == ["topk", "standard"] and list(best.knob_value) == [4, 1e-3]
+    assert best.mmcs.tolist() == pytest.approx([0.91, 0.81]) and best.seeds.tolist() == [2, 2]
+    assert best.mmcs_sd.tolist() == pytest.approx([0.02 / 2 ** 0.5] * 2)  # sd over the two seeds
+
+
+def test_user_choice_never_looks_at_the_true_features():
+    results = hand_results()
+    chosen = ground_truth.user_choice(results, target_l0=2.0).set_index("architecture")
+    assert chosen.knob_value.to_dict() == {"topk": 2, "standard": 1e-2}  # lowest FVU within L0 <= 2.3
+    shuffled = results.assign(mmcs=results.mmcs.sample(frac=1, random_state=0).to_numpy(), recovered=0.0)
+    assert ground_truth.user_choice(shuffled, 2.0).knob_value.tolist() == chosen.knob_value.tolist()
+    # no setting that sparse: the sparsest one
+    assert ground_truth.user_choice(results, target_l0=0.5).knob_value.tolist() == [1, 1e-2]
+
+
+def test_chance_is_measured_at_the_dictionary_size():
+    features = make_synthetic(16, d=8, n_features=16, mean_active=1.0).features
+    small, large = (ground_truth.chance_scores(features, n, seeds=(0, 1, 2))["mmcs"] for n in (16, 256))
+    assert 0 < small < large < 1  # more random candidates: a closer best match for every feature
+
+
+def test_report_puts_choice_oracle_and_chance_side_by_side():
+    features = make_synthetic(16, d=4, n_features=8, mean_active=1.0).features
+    table = ground_truth.report(hand_results(), features, target_l0=2.0)
+    assert table.loc["topk", "knob_value"] == 2 and table.loc["topk", "oracle_knob_value"] == 4
+    assert table.loc["topk", "oracle_mmcs"] > table.loc["topk", "mmcs"] and table.seeds.eq(2).all()
+    expected = ground_truth.chance_scores(features, 16, seeds=(0, 1))["mmcs"]
+    assert table.chance_mmcs.tolist() == pytest.approx([expected, expected])
 
 
 SMALL = {"knobs": {"l1_coefficient": (1e-3, 1e-2), "k": (1,)}, "architectures": ("tied", "standard", "topk"),
@@ -141,14 +180,16 @@ def test_an_unreadable_results_file_says_delete_it(tmp_path):
         sweep(make_synthetic(16, d=4, n_features=8, mean_active=1.0), csv_path=csv, **SMALL)
 
 
-def test_fvu_is_the_fits_own(monkeypatch):
-    """FVU = SSE / sum ||x - mean||^2 (population), by hand on 4 samples for an untrained SAE."""
-    data = make_synthetic(4, d=4, n_features=8, mean_active=2.0)
+def test_fvu_is_the_fits_own_on_the_held_out_rows(monkeypatch):
+    """FVU = SSE / sum ||x - mean||^2 (population) over the held-out fifth, by hand for an untrained SAE."""
+    data = make_synthetic(10, d=4, n_features=8, mean_active=2.0)
     monkeypatch.setattr(ground_truth, "train_sae", lambda *args, **kwargs: None)
     fvu = fit_and_score(data, "standard", d_sae=8, knob=1e-3)["fvu"]
     torch.manual_seed(0)
     sae, _ = sweep_sae("standard", 4, 8, 1e-3)
-    x = data.activations
+    train, held_out = ground_truth.held_out_split(10)
+    assert (train, held_out) == (slice(0, 8), slice(8, 10))
+    x = data.activations[held_out]
     with torch.no_grad():
         expected = (sae(x).x_hat - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
     assert fvu == pytest.approx(expected.item(), rel=1e-5)

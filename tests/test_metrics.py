@@ -14,6 +14,7 @@ from saelab.metrics import (
     evaluate_sae,
     from_sums,
     fvu,
+    hook_mean,
     sums_of,
 )
 from saelab.sae import SAE, sae_for
@@ -98,8 +99,25 @@ def test_ce_loss_recovered_is_one_for_a_perfect_sae_and_zero_for_zero(tiny_lm, s
     assert math.isclose(perfect["ce_sae"], perfect["ce_clean"], rel_tol=1e-5)
     assert math.isclose(perfect["ce_loss_recovered"], 1.0, abs_tol=1e-3)
     assert abs(perfect["kl_sae"]) < 1e-5 and perfect["kl_zero"] > 0
+    assert math.isclose(perfect["ce_loss_recovered_mean"], 1.0, abs_tol=1e-3) and abs(perfect["delta_ce"]) < 1e-4
     zero = ce_loss_recovered(lm, zero_sae(8), tokens, hook, batch_size=2, skip_first_position=skip_first)
     assert zero["ce_sae"] == zero["ce_zero"] and zero["ce_loss_recovered"] == 0.0
+    assert zero["delta_ce"] == pytest.approx(zero["ce_zero"] - zero["ce_clean"])
+
+
+def test_an_sae_that_outputs_the_mean_sits_on_the_mean_ablation_floor(tiny_lm):
+    """x_hat = b_dec = the hook's mean over the evaluated positions: CE_sae is CE_mean, recovered_mean 0."""
+    tokens = torch.randint(0, 11, (5, 6), generator=torch.Generator().manual_seed(2))
+    hook = "blocks.1.hook_resid_pre"
+    mean = hook_mean(tiny_lm, tokens, hook, batch_size=2)
+    _, cache = tiny_lm.run_with_cache(tokens, names_filter=[hook])
+    assert torch.allclose(mean, cache[hook][:, 1:].reshape(-1, 8).mean(0), atol=1e-5)
+    sae = zero_sae(8)
+    with torch.no_grad():
+        sae.b_dec.copy_(mean)
+    ce = ce_loss_recovered(tiny_lm, sae, tokens, hook, batch_size=2)
+    assert ce["ce_sae"] == pytest.approx(ce["ce_mean"], rel=1e-6) and abs(ce["ce_loss_recovered_mean"]) < 1e-4
+    assert ce["kl_sae"] == pytest.approx(ce["kl_mean"], rel=1e-5) and ce["ce_mean"] != ce["ce_zero"]
 
 
 def test_ce_loss_recovered_on_device_equals_cpu_and_leaves_the_sae_where_it_was(tiny_lm, device, tolerance):
@@ -141,8 +159,10 @@ def test_evaluate_sae_in_batches_equals_the_one_batch_formulas():
 @pytest.mark.parametrize("ce, says", [
     ({"ce_clean": 5.0, "ce_zero": 5.01, "ce_sae": 4.963, "ce_loss_recovered": 4.7}, "only 0.010 nats.*470%"),
     ({"ce_clean": 3.0, "ce_zero": 10.0, "ce_sae": 2.3, "ce_loss_recovered": 1.1}, "110% is outside.*below the clean"),
-    ({"ce_clean": 3.0, "ce_zero": 10.0, "ce_sae": 3.7, "ce_loss_recovered": 0.9}, "^CE loss recovered 90.0%: the SAE "
-                                                                                  "adds 0.700 nats.*7.000"),
+    ({"ce_clean": 3.0, "ce_zero": 10.0, "ce_sae": 3.7, "ce_loss_recovered": 0.9},
+     "^CE loss recovered 90.0% against the zero-ablation floor: the SAE adds ΔCE = 0.700 nats.*7.000"),
+    ({"ce_clean": 3.0, "ce_zero": 10.0, "ce_mean": 5.0, "ce_sae": 3.7, "ce_loss_recovered": 0.9,
+      "ce_loss_recovered_mean": 0.65, "kl_sae": 0.25}, "mean-ablation floor \\(\\+2.000 nats\\) it recovers 65.0%; KL"),
 ])
 def test_ce_description_carries_its_caveat_when_the_ratio_misleads(ce, says):
     assert re.search(says, describe_ce(ce))

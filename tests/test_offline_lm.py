@@ -170,6 +170,27 @@ def test_random_twin_is_the_random_weight_option(tiny):
     assert "random weights" in twin.cfg.model_name and twin.tokenizer is random.tokenizer
 
 
+def test_random_twin_is_the_trained_models_own_initialisation(small, monkeypatch):
+    """The twin (profile seed, lm.init_std) equals the weights training started from, tokenizer included."""
+    start = {}
+    real_fit = offline_lm.fit
+
+    def spy(model, *args, **kwargs):  # what train_lm hands to its training loop
+        start.update(weights_of(model))
+        return real_fit(model, *args, **kwargs)
+
+    monkeypatch.setattr(offline_lm, "fit", spy)
+    model = lm.load_lm(small, "cpu", progress=False)
+    twin = lm.at_initialisation(model, seed=small.seed, std=lm.init_std(small))
+    assert lm.init_std(small) == offline_lm.INIT_STD and lm.init_std(small.replace(offline_lm="random")) == 0.02
+    expected = lm.hooked_from_hf(offline_lm.initial_model(small), model.tokenizer)
+    assert torch.equal(offline_lm.initial_model(small).transformer.wte.weight, start["transformer.wte.weight"])
+    assert all(torch.equal(a, b) for a, b in zip(twin.state_dict().values(), expected.state_dict().values(),
+                                                  strict=True))
+    assert twin.tokenizer is model.tokenizer and not torch.equal(twin.W_E, model.W_E)  # training moved it
+    assert not torch.equal(lm.at_initialisation(model, seed=small.seed).W_E, twin.W_E)  # GPT-2's 0.02 is not it
+
+
 def test_stores_of_the_random_model_are_stale_for_the_trained_one(small):
     capture.capture_activations(small.replace(offline_lm="random"), "mae", "cpu", progress=False)
     with pytest.raises(ValueError, match="random_weights: stored True, profile False"):

@@ -132,6 +132,15 @@ def test_sweep_figure_has_mmcs_and_l0_per_architecture_and_size_and_names_synthe
     assert "synthetic data" in title and "random-weight" not in title  # no model made this data
 
 
+def test_sweep_figure_draws_the_mean_over_seeds():
+    results = pd.DataFrame({"architecture": ["topk"] * 4, "d_sae": [8] * 4, "knob": ["k"] * 4,
+                            "knob_value": [2, 2, 4, 4], "seed": [0, 1, 0, 1], "mmcs": [0.5, 0.7, 0.8, 0.9],
+                            "l0": [2.0, 2.0, 4.0, 4.0]})
+    fig = plots.sweep_figure(results, load_profile("offline"), "cpu")
+    mmcs = next(trace for trace in fig.data if list(trace.y) != [2.0, 4.0])
+    assert list(mmcs.x) == [2, 4] and list(mmcs.y) == pytest.approx([0.6, 0.85])
+
+
 def test_interpretability_comparison_shows_each_method_with_its_interval():
     summary = pd.DataFrame({"method": ["PCA", "PCA", "SAE tied", "SAE tied", "dense probe"],
                             "kind": ["baseline", "baseline", "SAE", "SAE", "ceiling"], "k": [1, 2, 1, 2, 64],

@@ -115,6 +115,13 @@ def test_hungarian_scores_unmatched_true_features_zero_and_ignores_sign():
     assert hungarian_mean_cos(true, -true[:2]) == pytest.approx(0.5)  # |cos| = 1 twice, 2 left over
 
 
+def test_every_score_uses_absolute_cosines():
+    """A negated dictionary spans the same features: one |cos| convention, every score 1."""
+    true = random_directions(6, 5, generator=3)
+    assert recovery_scores(true, -true) == pytest.approx(
+        {"mmcs": 1.0, "mmcs_learned": 1.0, "hungarian": 1.0, "recovered": 1.0})
+
+
 def test_fraction_recovered_uses_the_threshold():
     true = torch.eye(2)
     learned = torch.tensor([[1.0, 0.0], [0.8, 0.6]])  # cos with e2: 0.6

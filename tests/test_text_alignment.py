@@ -8,6 +8,7 @@ import pytest
 import torch
 from tiny import tiny_fixture, tiny_tokens_root_fixture  # noqa: F401  (fixtures)
 
+from saelab import paths
 from saelab.data import capture, lm
 from saelab.features.analysis import alignment_summary, max_activating, position_spread, text_alignment, token_purity
 from saelab.sae import SAE
@@ -77,3 +78,17 @@ def test_random_twin_alignment_scores_its_top_features(tiny):
     assert 0 < len(table) <= tiny.mae_top_features and table.index.name == "feature"
     assert table["token_purity"].between(0, 1).all() and (table["position_spread"] >= 0).all()
     assert (table["examples"] <= tiny.mae_top_k).all()
+
+
+def test_the_twins_sae_is_searched_to_the_target_l0_and_reported(tiny):
+    """The twin SAE's λ comes from the same search as notebook 03's (kept in memory: no run folder is
+    written), its held-out L0 is reported beside the table; with target_l0 0 the profile's λ is kept."""
+    profile = tiny.replace(target_l0=12.0, l1_coefficient=0.05)
+    table = random_twin.random_twin_alignment(profile, lm.load_lm(profile, "cpu"))
+    search = table.attrs["search"]
+    closest = min(search["probes"], key=lambda p: abs(math.log(p[1] / 12.0)))
+    assert search["value"] == closest[0] and search["l0"] == closest[1]
+    assert table.attrs["l0"] > 0 and table.attrs["target_l0"] == 12.0 and 0 <= table.attrs["fvu"]
+    assert not paths.sae_dir(profile).exists()  # notebook 03's runs are not touched
+    plain = random_twin.random_twin_alignment(tiny.replace(target_l0=0.0), lm.load_lm(tiny, "cpu"))
+    assert plain.attrs["search"] is None and plain.attrs["l0"] > 0

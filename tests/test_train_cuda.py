@@ -100,3 +100,52 @@ def test_train_profile_on_cuda_leaves_the_sae_there_and_saves_it_loadable():
     assert next(result.sae.parameters()).is_cuda  # documented: result.sae stays on the training device
     saved = SAE.load(paths.sae_dir(profile))
     assert torch.equal(saved.W_enc, result.sae.W_enc.cpu())
+
+
+SCHEDULES = dict(lr_warm_up_steps=20, lr_scheduler_name="cosineannealing", lr_decay_steps=30, l1_warm_up_steps=40)
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_the_captured_step_follows_the_eager_one_through_warm_ups_and_a_cosine_schedule(architecture):
+    """The graph reads lr and λ from device tensors the host refills: every schedule value must reach it."""
+    graph = train(architecture, "cuda", **SCHEDULES)
+    eager = train(architecture, "cuda", cuda_graph=False, **SCHEDULES)
+    assert_weights_close(graph.sae, eager.sae, atol=1e-6)
+    pd.testing.assert_frame_equal(graph.history, eager.history, rtol=1e-6)
+
+
+def test_the_tied_bfloat16_step_captured_follows_it_eager():
+    graph = train("tied", "cuda", dtype="bfloat16", **SCHEDULES)
+    eager = train("tied", "cuda", dtype="bfloat16", cuda_graph=False, **SCHEDULES)
+    assert all(p.dtype == torch.float32 for p in graph.sae.parameters())
+    assert_weights_close(graph.sae, eager.sae, atol=1e-6)
+    pd.testing.assert_frame_equal(graph.history, eager.history, rtol=1e-6)
+
+
+def test_tied_bfloat16_written_out_learns_like_float32():
+    bf16, full = train("tied", "cuda", dtype="bfloat16"), train("tied", "cuda")
+    assert bf16.history["val_fvu"].iloc[-1] == pytest.approx(full.history["val_fvu"].iloc[-1], rel=0.1)
+    assert bf16.history["val_l0"].iloc[-1] == pytest.approx(full.history["val_l0"].iloc[-1], rel=0.1)
+
+
+def test_one_and_two_gemm_weight_gradients_agree_on_cuda(monkeypatch):
+    """One step's gradients (TF32 off: float32 products, other summation orders), then whole runs."""
+    from saelab.sae import SAE
+    from saelab.sae.relu import TiedSAE
+
+    x, coefficient = 3 * data()[:512].cuda(), torch.tensor(1e-2, device="cuda")
+    grads = {}
+    for choice in ("one_gemm", "two_gemms"):
+        torch.manual_seed(1)
+        sae = SAE(16, 64).cuda()
+        sae.weight_gradient = choice
+        losses = sae.backward(x, coefficient, None)
+        grads[choice] = [losses.total.item(), *(p.grad.clone() for p in sae.parameters())]
+    assert grads["one_gemm"][0] == pytest.approx(grads["two_gemms"][0], rel=1e-5)
+    for one, two in zip(grads["one_gemm"][1:], grads["two_gemms"][1:], strict=True):
+        torch.testing.assert_close(one, two, rtol=1e-4, atol=1e-6)
+    runs = {}
+    for choice in ("one_gemm", "two_gemms"):
+        monkeypatch.setattr(TiedSAE, "weight_gradient", choice)  # the class default: train() builds a fresh SAE
+        runs[choice] = train("tied", "cuda")
+    assert_weights_close(runs["one_gemm"].sae, runs["two_gemms"].sae, atol=1e-3)

@@ -10,8 +10,9 @@ from saelab.config import OFFLINE
 # 16-token contexts, 15 activation rows each; a shard holds 7 whole contexts (105 >= 100 rows), so
 # capture batches of 4 contexts straddle shard boundaries.
 # The random-weight model: most tests need a model, not a trained one (tests/test_offline_lm.py trains one).
+# Training as short as the tests need (offline itself trains 30 epochs, to convergence).
 TINY = OFFLINE.replace(name="tiny", n_texts=24, mae_texts=8, context_size=16, capture_batch_size=4,
-                       shard_rows=100, offline_vocab_size=512, offline_lm="random")
+                       shard_rows=100, offline_vocab_size=512, offline_lm="random", epochs=5)
 
 
 @pytest.fixture(scope="session", name="tiny_tokens_root")

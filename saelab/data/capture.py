@@ -12,8 +12,9 @@ Device (saelab.devices): given `lm`, capture runs where the LM lives (a `device`
 an error: the LM is never copied); without one, `load_lm` puts the model on `device`.
 On CUDA:
 - the batch grows to CUDA_TOKENS_PER_PASS tokens when free GPU memory holds it (`capture_batch`);
-- the copy to the host is pinned and non-blocking, and the host writes a shard only once the
-  copies into it have landed (a CUDA event), while the GPU already runs the next batch;
+- the copy to the host is pinned and non-blocking, and a background thread writes a shard only once
+  the copies into it have landed (a CUDA event), while the GPU already runs the next batch and the
+  loop never waits for the disk (`ShardBuffer`);
 - matmuls run in TF32 when the store is float16/bfloat16: those keep 10/7 mantissa bits, TF32 10,
   so the store loses little; a float32 store gets float32 matmuls;
 - out of GPU memory, the batch is halved and the same contexts retried, with a warning naming
@@ -28,6 +29,7 @@ import json
 import math
 import time
 import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 from tqdm import tqdm  # text bars: tqdm.auto needs ipywidgets in Jupyter
@@ -147,7 +149,12 @@ def hook_rows(lm, ids: torch.Tensor, profile: Profile, device: torch.device) -> 
 
 
 class ShardBuffer:
-    """Rows on their way to the store, written as shards of whole contexts in context order."""
+    """Rows on their way to the store, written as shards of whole contexts in context order.
+
+    Shards are written by one background thread, so the loop that feeds the GPU never waits for the
+    disk (a GPT-2-small shard is ~96 MiB): `write` hands the full shards to the thread and returns; the
+    next `write` first takes what the previous one left over. At most one write is in flight, so host
+    memory stays about two shards plus a batch. An error in the thread is raised by the next call."""
 
     def __init__(self, writer: StoreWriter, profile: Profile):
         self.writer = writer
@@ -155,10 +162,12 @@ class ShardBuffer:
         self.contexts_per_shard = -(-profile.shard_rows // self.rows_per_context)
         self.parts: list[tuple[torch.Tensor, dict, torch.cuda.Event | None]] = []  # rows, index, copy done
         self.contexts = 0
+        self.thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="saelab-shards")
+        self.pending: Future | None = None  # the write in flight; its result is the rows left over
 
     def add(self, rows: torch.Tensor, index: dict[str, torch.Tensor], contexts: int) -> None:
-        """Start copying one batch's rows to the host, then write the shards the earlier batches
-        filled: on CUDA the GPU computes and copies this batch while the host writes."""
+        """Start copying one batch's rows to the host, then hand the shards the earlier batches
+        filled to the writer thread: on CUDA the GPU computes and copies this batch while the host writes."""
         done = None
         if rows.is_cuda:  # into pinned host memory: the copy runs without blocking the host
             host, done = torch.empty(rows.shape, dtype=rows.dtype, pin_memory=True), torch.cuda.Event()
@@ -170,25 +179,41 @@ class ShardBuffer:
         self.contexts += contexts
 
     def write(self, final: bool = False) -> None:
-        """Write every full shard; with `final`, the rest as a last, shorter shard."""
+        """Hand every full shard to the writer thread; with `final`, the rest as a last, shorter shard,
+        and wait until all is on disk."""
         sizes = [self.contexts_per_shard] * (self.contexts // self.contexts_per_shard)
         if final and self.contexts % self.contexts_per_shard:
             sizes.append(self.contexts % self.contexts_per_shard)
-        if not sizes:
-            return
-        for _, _, done in self.parts:
+        if sizes:
+            parts, self.parts = self._take_leftover() + self.parts, []
+            self.pending = self.thread.submit(self._write_shards, parts, sizes)
+            self.contexts -= sum(sizes)
+        if final:
+            self.wait()
+
+    def wait(self) -> None:
+        """Block until the write in flight is on disk (raising its error, if any); stop the thread."""
+        self.parts = self._take_leftover() + self.parts
+        self.thread.shutdown(wait=True)
+
+    def _take_leftover(self) -> list:
+        pending, self.pending = self.pending, None
+        return pending.result() if pending is not None else []
+
+    def _write_shards(self, parts: list, sizes: list[int]) -> list:
+        """On the writer thread: shards of `sizes` contexts from `parts`; returns the rows left over."""
+        for _, _, done in parts:
             if done is not None:
                 done.synchronize()  # the non-blocking copies must have landed before the rows are read
-        rows = torch.cat([p[0] for p in self.parts])  # (rows, d_in)
-        index = {k: torch.cat([p[1][k] for p in self.parts]) for k in INDEX_FIELDS}
+        rows = torch.cat([p[0] for p in parts])  # (rows, d_in)
+        index = {k: torch.cat([p[1][k] for p in parts]) for k in INDEX_FIELDS}
         start = 0
         for contexts in sizes:
             stop = start + contexts * self.rows_per_context
             self.writer.add_shard(rows[start:stop], {k: v[start:stop] for k, v in index.items()}, contexts)
             start = stop
         rest = (rows[start:].clone(), {k: v[start:].clone() for k, v in index.items()}, None)  # frees the rest of rows
-        self.parts = [rest] if start < len(rows) else []
-        self.contexts -= sum(sizes)
+        return [rest] if start < len(rows) else []
 
 
 def tokenizer_identity(tokenizer) -> dict | None:
@@ -256,6 +281,7 @@ def _capture(profile: Profile, split: str, lm, device: torch.device, writer: Sto
             except torch.cuda.OutOfMemoryError as err:
                 if size == 1:
                     buffer.write()  # full shards waiting to be written are kept too
+                    buffer.wait()
                     raise RuntimeError(_out_of_memory(profile, split, device, writer)) from err
                 rows = None
             if rows is None:  # outside the except block, so the failed pass's tensors are freed

@@ -13,6 +13,7 @@ Hugging Face's `hidden_states[L]`, the residual stream the seed article trained 
 from __future__ import annotations
 
 import difflib
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -27,9 +28,10 @@ if TYPE_CHECKING:
 
 
 def load_lm(profile: Profile, device: str | None = None, tokenizer=None, progress: bool = True):
-    """gpt2/quick: pretrained weights from the hub (or its cache); offline: the small GPT-2 saelab
-    trains on the offline corpus (`saelab.data.offline_lm`: trained on first use, then loaded from
-    runs/<profile>/lm/), or seeded random weights when profile.offline_lm == "random".
+    """gpt2/quick: pretrained weights from the hub (or its cache), or from a local folder when
+    profile.model_name is one (`local_model_folder`: written by transformers' `save_pretrained`, no hub);
+    offline: the small GPT-2 saelab trains on the offline corpus (`saelab.data.offline_lm`: trained on
+    first use, then loaded from runs/<profile>/lm/), or seeded random weights when profile.offline_lm == "random".
 
     The offline tokenizer is the one notebook 01 trained (runs/<profile>/tokens/tokenizer/).
     """
@@ -41,6 +43,11 @@ def load_lm(profile: Profile, device: str | None = None, tokenizer=None, progres
         hf_model = (random_gpt2(profile) if profile.offline_lm == "random"
                     else offline_lm.load_or_train(profile, tokenizer, device, progress))
         model = hooked_from_hf(hf_model.cpu(), tokenizer)
+        model.cfg.model_name = profile.model_name
+    elif (folder := local_model_folder(profile.model_name)) is not None:
+        from transformers import AutoTokenizer
+
+        model = hooked_from_hf(load_local_gpt2(folder), tokenizer or AutoTokenizer.from_pretrained(str(folder)))
         model.cfg.model_name = profile.model_name
     else:
         try:
@@ -54,6 +61,29 @@ def load_lm(profile: Profile, device: str | None = None, tokenizer=None, progres
         raise ValueError(f"{profile.model_name} has d_model={model.cfg.d_model}, profile says d_in={profile.d_in}; "
                          "set d_in to the model's width")
     return model.to(device, print_details=False).eval()  # no "Moving model to device" line
+
+
+def local_model_folder(model_name: str) -> Path | None:
+    """model_name as a local folder (config.json + weights, as `save_pretrained` writes them), or None for
+    a hub name. A folder that exists but is not a model is an error that says what it needs."""
+    path = Path(model_name).expanduser()
+    if not path.is_dir():
+        return None
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"model folder {path} has no config.json: save a GPT-2 model there with "
+                                "transformers' model.save_pretrained(folder) and tokenizer.save_pretrained(folder)")
+    return path
+
+
+def load_local_gpt2(folder: Path):
+    """A transformers GPT-2 from a local folder, in float32 on the CPU; never reaches the hub."""
+    from transformers import AutoConfig, GPT2LMHeadModel
+
+    config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
+    if config.model_type != "gpt2":
+        raise ValueError(f"model folder {folder} holds a {config.model_type!r} model; saelab loads GPT-2-architecture "
+                         "folders (model_type 'gpt2'), whose residual stream TransformerLens' conversion keeps exact")
+    return GPT2LMHeadModel.from_pretrained(str(folder), local_files_only=True, torch_dtype=torch.float32).eval()
 
 
 def _offline_tokenizer(profile: Profile):
@@ -111,6 +141,8 @@ ABLATION_GAP_BAR = 1.0  # nats: zeroing the hook must cost at least this, or CE 
 
 
 def weights_origin(profile: Profile) -> str:
+    if not profile.is_offline and local_model_folder(profile.model_name) is not None:
+        return f"local folder {profile.model_name} (transformers save_pretrained)"
     if not profile.is_offline:
         return "pretrained (Hugging Face hub)"
     if profile.offline_lm == "random":
@@ -216,15 +248,23 @@ def describe_lm(measured: pd.Series) -> str:
             f"Zero-ablating the hook raises CE by {gap:.2f} nats ({ablation}).")
 
 
-def at_initialisation(model, seed: int = 0):
+def init_std(profile: Profile) -> float:
+    """The weight std the profile's language model was initialised with: offline_lm.INIT_STD for the
+    offline model saelab trains, GPT-2's 0.02 otherwise (the random offline model, GPT-2 itself)."""
+    return offline_lm.INIT_STD if profile.is_offline and profile.offline_lm == "trained" else 0.02
+
+
+def at_initialisation(model, seed: int = 0, std: float = 0.02):
     """A seeded random-weight GPT-2 of `model`'s shape, with its tokenizer, on its device: the same
-    pipeline run on it shows what training adds (notebook 04)."""
+    pipeline run on it shows what training adds (notebook 04). With the seed and init std the model was
+    built with (`init_std(profile)`, profile.seed), it is that model at step 0: the offline model saelab
+    trains starts from exactly these weights (offline_lm.initial_model)."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     c = model.cfg
     config = GPT2Config(vocab_size=c.d_vocab, n_positions=c.n_ctx, n_embd=c.d_model, n_layer=c.n_layers,
                         n_head=c.n_heads, n_inner=c.d_mlp, activation_function=c.act_fn, resid_pdrop=0.0,
-                        embd_pdrop=0.0, attn_pdrop=0.0)
+                        embd_pdrop=0.0, attn_pdrop=0.0, initializer_range=std)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         twin = hooked_from_hf(GPT2LMHeadModel(config).eval(), model.tokenizer)

@@ -38,7 +38,7 @@ from tqdm import tqdm  # text bars: they read well in a saved notebook
 from saelab import paths
 from saelab.config import EOT, Profile, describe_device
 from saelab.data.corpus import iter_documents
-from saelab.data.tokens import load_tokens, pack
+from saelab.data.tokens import SPLIT_RULE, load_tokens, pack, split_documents
 
 FORMAT = "saelab-offline-lm/1"  # bump when the training recipe changes: older models then retrain
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
@@ -70,7 +70,7 @@ def lm_training_settings(profile: Profile) -> dict:
     keys = ("model_name", "dataset_id", "n_texts", "mae_texts", "offline_vocab_size", "context_size", "d_in",
             "offline_n_layers", "offline_n_heads", "offline_lm_texts", "offline_lm_steps", "offline_lm_batch_size",
             "offline_lm_lr", "seed")
-    return {"format": FORMAT, "init_std": INIT_STD, **{k: getattr(profile, k) for k in keys}}
+    return {"format": FORMAT, "init_std": INIT_STD, "split_rule": SPLIT_RULE, **{k: getattr(profile, k) for k in keys}}
 
 
 def model_dir(profile: Profile, tokenizer) -> tuple[Path, dict]:
@@ -152,7 +152,7 @@ def _sha256(path: Path) -> str:
 def corpus_contexts(profile: Profile, tokenizer) -> tuple[torch.Tensor, torch.Tensor, int]:
     """(train (n, context_size), held_out (m, context_size), documents): the LM trains on whole documents
     of the corpus packed as in notebook 01, minus the "mae" documents, which are its held-out set."""
-    held = range(profile.n_texts, profile.n_texts + profile.mae_texts)
+    held = set(split_documents(profile)["mae"])
     texts = (text for i, text in enumerate(iter_documents(profile)) if i not in held)
     texts = list(islice(texts, profile.offline_lm_texts or None))
     ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
@@ -236,15 +236,23 @@ def fit(model, train: torch.Tensor, held_out: torch.Tensor, *, steps: int, batch
     return history
 
 
-def train_lm(profile: Profile, tokenizer, settings: dict, device: str = "cpu", progress: bool = True):
-    """A seeded GPT2LMHeadModel trained with the profile's offline_lm_* settings, and its record."""
+def initial_model(profile: Profile, tokenizer=None):
+    """The offline model at step 0: GPT2LMHeadModel with INIT_STD weights seeded by profile.seed (the global
+    RNG is left untouched). `train_lm` trains it; `saelab.data.lm.at_initialisation` rebuilds it as the
+    random twin (notebook 04), so the twin is the trained model's own initialisation."""
     from transformers import GPT2LMHeadModel
 
-    train_ids, held_out, documents = corpus_contexts(profile, tokenizer)
-    config = gpt2_config(profile, tokenizer, INIT_STD)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(profile.seed)
-        model = GPT2LMHeadModel(config).to(device)
+        return GPT2LMHeadModel(gpt2_config(profile, tokenizer, INIT_STD))
+
+
+def train_lm(profile: Profile, tokenizer, settings: dict, device: str = "cpu", progress: bool = True):
+    """A seeded GPT2LMHeadModel trained with the profile's offline_lm_* settings, and its record."""
+
+    train_ids, held_out, documents = corpus_contexts(profile, tokenizer)
+    model = initial_model(profile, tokenizer).to(device)
+    config = model.config
     started = time.perf_counter()
     with cpu_threads(profile.offline_lm_threads) as threads:
         history = fit(model, train_ids, held_out, steps=profile.offline_lm_steps,

@@ -1,7 +1,10 @@
 """Notebook 01: documents -> packed token contexts on disk (Arrow, via `datasets`).
 
-Two disjoint document splits: "train" (the first `n_texts` documents, for the SAE) and "mae"
-(the next `mae_texts`, held out for max-activating examples and CE-loss evaluation).
+Two disjoint document splits of the first `n_texts + mae_texts` documents: "mae" (`mae_texts` of them,
+drawn at random with the profile's seed, held out for max-activating examples, CE-loss evaluation and
+every held-out score) and "train" (the other `n_texts`, for the SAE). Drawn, not a block: a block of
+consecutive documents is one part of the source (in the offline corpus, a few modules' docstrings), so
+intervals over held-out documents would describe those modules, not the corpus.
 
 Packing, so that no pad token ever exists: each document keeps at most `context_size - 1`
 tokens (the seed truncated at max_length=128) and is followed by EOT; the stream is cut into
@@ -28,6 +31,30 @@ INFO = "info.json"
 TOKENIZER = "tokenizer"  # folder (save_pretrained) under tokens_dir, so AutoTokenizer can reload it
 
 
+SPLIT_RULE = "mae: seeded random draw"  # recorded with the token files (and the offline LM): a change rebuilds them
+
+
+def split_documents(profile: Profile) -> dict[str, list[int]]:
+    """Indices, in source order, of the documents of each split among the first n_texts + mae_texts:
+    "mae" a seeded random draw of mae_texts of them (a fifth when mae_texts = n_texts / 4), "train" the rest."""
+    import numpy as np
+
+    total = profile.n_texts + profile.mae_texts
+    held = set(np.random.default_rng(profile.seed).permutation(total)[:profile.mae_texts].tolist())
+    return {"train": [i for i in range(total) if i not in held], "mae": sorted(held)}
+
+
+def split_texts(profile: Profile) -> dict[str, list[str]]:
+    """The documents of each split (`split_documents`); a source too small for both is an error."""
+    total = profile.n_texts + profile.mae_texts
+    texts = list(islice(iter_documents(profile), total))
+    if len(texts) < total:
+        raise DataSourceError(f"{profile.dataset_id} gave only {len(texts)} documents ({profile.n_texts} for "
+                              f"train + {profile.mae_texts} for mae wanted); lower n_texts/mae_texts or use a "
+                              "larger source. " + alternatives(profile))
+    return {split: [texts[i] for i in rows] for split, rows in split_documents(profile).items()}
+
+
 def load_tokenizer(profile: Profile, directory=None):
     """GPT-2's tokenizer (gpt2/quick), or a BPE trained on the offline corpus, cached on disk.
 
@@ -39,13 +66,16 @@ def load_tokenizer(profile: Profile, directory=None):
     if not profile.is_offline:
         try:
             return AutoTokenizer.from_pretrained(profile.model_name)
-        except OSError as err:
+        except (OSError, ValueError) as err:  # ValueError: a local folder with a model and no tokenizer
+            if Path(profile.model_name).expanduser().is_dir():
+                raise DataSourceError(f"the model folder {profile.model_name} holds no tokenizer ({err}); save "
+                                      "one there with tokenizer.save_pretrained(folder)") from err
             raise DataSourceError(f"cannot load the {profile.model_name!r} tokenizer from the Hugging Face "
                                   f"hub or its cache ({err}); on a machine without the hub use "
                                   "SAELAB_PROFILE=offline") from err
     path = Path(directory or paths.tokens_dir(profile)) / TOKENIZER
     if not (path / "tokenizer.json").is_file():
-        documents = list(islice(iter_documents(profile), profile.n_texts))  # train documents only
+        documents = split_texts(profile)["train"]  # train documents only
         bpe = train_bpe(documents, profile.offline_vocab_size)
         tmp = path.with_name(TOKENIZER + ".tmp")
         PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token=EOT, eos_token=EOT).save_pretrained(str(tmp))
@@ -82,7 +112,7 @@ def token_settings(profile: Profile) -> dict:
     """What the token files depend on; a different value means they are rebuilt."""
     keys = ("model_name", "dataset_id", "dataset_revision", "dataset_split", "text_column", "n_texts",
             "mae_texts", "context_size", "truncate_documents", "offline_vocab_size")
-    return {k: getattr(profile, k) for k in keys}
+    return {**{k: getattr(profile, k) for k in keys}, "seed": profile.seed, "split_rule": SPLIT_RULE}
 
 
 def read_info(profile: Profile) -> dict | None:
@@ -118,16 +148,10 @@ def build_tokens(profile: Profile, batch_docs: int = 256) -> dict:
 def _build_into(directory: Path, profile: Profile, batch_docs: int) -> dict:
     """Tokenizer (offline) and both splits written into directory; returns the info to record."""
     tokenizer = load_tokenizer(profile, directory)
-    documents = iter_documents(profile)
-    wanted = {"train": profile.n_texts, "mae": profile.mae_texts}
+    texts = split_texts(profile)
     info = {"settings": token_settings(profile), "profile": profile.name, "splits": {}}
     for split in SPLITS:
-        texts = list(islice(documents, wanted[split]))
-        if len(texts) < wanted[split]:
-            raise DataSourceError(f"{profile.dataset_id} gave only {len(texts)} documents for split {split!r} "
-                                  f"({wanted[split]} wanted); lower n_texts/mae_texts or use a larger source. "
-                                  + alternatives(profile))
-        info["splits"][split] = _write_split(profile, split, texts, tokenizer, batch_docs, directory / split)
+        info["splits"][split] = _write_split(profile, split, texts[split], tokenizer, batch_docs, directory / split)
     return info
 
 

@@ -6,7 +6,7 @@ autoencoders" (the toy setup Cunningham et al. 2023 build on):
     x = sum_i  c_i f_i  (+ noise)     f_i: n_features random unit directions in d < n_features dims
                                       c_i = fires_i * U[0, 1],  P(fires_i) = p_i, decaying with i
 
-A working SAE's decoder rows line up with the f_i: mean max cosine similarity (MMCS) near 1.
+A working SAE's decoder rows line up with the f_i: mean max |cosine similarity| (MMCS) near 1.
 Pure tensors: no files, no model.
 """
 
@@ -109,12 +109,14 @@ def cosine_matrix(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def mmcs(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Mean over rows of a of the max over rows of b of cos(a_i, b_j) (Sharkey et al.'s MMCS).
+    """Mean over rows of a of the max over rows of b of |cos(a_i, b_j)| (Sharkey et al.'s MMCS).
 
     mmcs(true, learned) asks "is every true feature found?" (recall);
     mmcs(learned, true) asks "is every learned direction a true feature?" (precision).
+    |cos|, as every score here (Hungarian, recovered): a direction and its negation span the same
+    feature, and one convention keeps the scores comparable with one another and with chance.
     """
-    return cosine_matrix(a, b).max(dim=1).values.mean().item()
+    return cosine_matrix(a, b).abs().max(dim=1).values.mean().item()
 
 
 def hungarian_mean_cos(true: torch.Tensor, learned: torch.Tensor) -> float:
@@ -130,8 +132,8 @@ def hungarian_mean_cos(true: torch.Tensor, learned: torch.Tensor) -> float:
 
 
 def fraction_recovered(true: torch.Tensor, learned: torch.Tensor, threshold: float = 0.9) -> float:
-    """Share of true features with some learned direction at cos > threshold."""
-    return (cosine_matrix(true, learned).max(dim=1).values > threshold).float().mean().item()
+    """Share of true features with some learned direction at |cos| > threshold."""
+    return (cosine_matrix(true, learned).abs().max(dim=1).values > threshold).float().mean().item()
 
 
 def recovery_scores(true: torch.Tensor, learned: torch.Tensor, threshold: float = 0.9) -> dict[str, float]:

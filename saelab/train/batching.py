@@ -15,6 +15,7 @@ from typing import NamedTuple
 
 import torch
 
+GATHER_SLACK_BATCHES = 4  # zero rows after the epoch's order: warm-up steps before a capture may count past its end
 CHECK_ROWS = 16_384  # rows per chunk when checking for NaN/inf (temporaries ~1.7x a chunk)
 CHUNK_ROWS = 65_536  # rows per chunk streamed from host memory to a GPU (~200 MB at d_in 768, float32)
 
@@ -134,3 +135,46 @@ def device_batches(data: torch.Tensor, order: torch.Tensor, batch_size: int, dev
                 torch.cuda.current_stream(device).wait_event(done)
                 chunk.record_stream(torch.cuda.current_stream(device))  # made on `copies`, read on this stream
             yield from chunk.split(batch_size)
+
+
+class InGraphBatch(NamedTuple):
+    """A full batch that the step gathers itself (`GraphBatches.gather`): stands in for the tensor."""
+
+    shape: torch.Size  # (batch, d_in), the gathered tensor's
+
+
+class GraphBatches:
+    """Batch selection inside the captured step, for data on the training device: the epoch's order sits in
+    a static device buffer and a device-side counter i names the batch, so each replay gathers its own
+    x = data[order[i B : (i + 1) B]] and counts i up; the host only replays (no Python gather, no copy into
+    the graph's input). The epoch's last, shorter batch is a plain tensor, run eagerly as before."""
+
+    def __init__(self, data: torch.Tensor, n_rows: int, batch_size: int):
+        device = data.device
+        self.data, self.batch_size = data, batch_size
+        self.order = torch.zeros(n_rows + GATHER_SLACK_BATCHES * batch_size, dtype=torch.int64, device=device)
+        self.offsets = torch.arange(batch_size, device=device)
+        self.counter = torch.zeros((), dtype=torch.int64, device=device)
+        self.positions = torch.empty(batch_size, dtype=torch.int64, device=device)  # into order
+        self.rows = torch.empty(batch_size, dtype=torch.int64, device=device)  # into data
+        self.x = torch.empty(batch_size, data.shape[1], device=device)  # the step's batch, float32
+
+    def batches(self, order: torch.Tensor, start: int = 0) -> Iterator[InGraphBatch | torch.Tensor]:
+        """The batches of `order` from batch `start` on: an `InGraphBatch` for each full one, the last
+        shorter one as a tensor (as `device_batches` gives it)."""
+        n, size = order.shape[0], self.batch_size
+        self.order[:n].copy_(order)
+        self.counter.fill_(start)
+        shape = torch.Size((size, self.data.shape[1]))
+        for _ in range(start, n // size):
+            yield InGraphBatch(shape)
+        if n % size and start <= n // size:
+            yield self.data.index_select(0, order[n - n % size:]).float()
+
+    def gather(self) -> torch.Tensor:
+        """Four kernels, no host sync: x = data[order[counter B + arange(B)]]; counter += 1."""
+        torch.add(self.offsets, self.counter, alpha=self.batch_size, out=self.positions)
+        torch.index_select(self.order, 0, self.positions, out=self.rows)
+        torch.index_select(self.data, 0, self.rows, out=self.x)
+        self.counter.add_(1)
+        return self.x

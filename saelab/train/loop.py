@@ -34,7 +34,7 @@ from saelab.metrics import evaluate, from_sums, fvu, sums_of, total_variance
 from saelab.provenance import record_provenance
 from saelab.sae import SAE, sae_for
 from saelab.store import ActivationStore
-from saelab.train.batching import as_activations, device_batches, epoch_order, to_training_device, train_val_split
+from saelab.train.batching import as_activations, epoch_order, to_training_device, train_val_split
 from saelab.train.checkpoint import (
     load_checkpoint,
     locks_run_dir,
@@ -118,7 +118,7 @@ class Trainer:
         try:
             while not self.finished:
                 order = epoch_order(self.train_rows, s.seed, self.epoch)
-                for x in device_batches(self.data, order, s.batch_size, self.device, start=self.batch):
+                for x in self.stepper.batches(self.data, order, s.batch_size, start=self.batch):
                     # lr and λ -> step (gradients, Adam, constraint, statistics) -> log / checkpoint / stop
                     self.stepper.set_lr(lr_at(self.step, s, total))
                     self.stepper.set_sparsity(l1_at(self.step, self.coefficient, s.l1_warm_up_steps))
