@@ -54,18 +54,18 @@ def test_the_saved_sae_records_its_store_and_reads_the_held_out_split_without_a_
 def test_a_stale_sae_is_refused_naming_each_difference_unless_allowed(trained):
     profile, old = trained
     shutil.rmtree(old.directory)  # as the stale-store message says: delete it and recapture, with other settings
-    newer = profile.replace(seed=1, exclude_first_position=False)  # another random LM, another capture setting
+    newer = profile.replace(store_dtype="float16", exclude_first_position=False)  # two other capture settings
     store = capture.capture_activations(newer, device="cpu", progress=False)
     with pytest.raises(StaleSAE, match=r"(?s)the SAE at .*sae/sae was trained on the store .*activations/train \(id "
-                                       r"\w+\), whose settings differ from the store .*: .*exclude_first_position: "
-                                       r"trained on True, this store False; .*seed: trained on 0, this store 1.*"
-                                       r"Retrain it on this store \(notebook 03\).*allow_stale=True") as raised:
+                                       r"\w+\), whose settings differ from the store .*: dtype: trained on 'float32', "
+                                       r"this store 'float16'; exclude_first_position: trained on True, this store "
+                                       r"False. Retrain it on this store \(notebook 03\).*allow_stale=True") as raised:
         load_sae(newer, store=store)
     assert "split" not in str(raised.value)  # what differs between splits is not a difference
     with pytest.warns(UserWarning, match="allow_stale=True: proceeding"):
         sae = load_sae(newer, store=store, allow_stale=True)
     assert max_activating(sae, store, 2, progress=False).rows.shape == (sae.d_sae, 2)  # allowed once, for both
-    with pytest.raises(StaleSAE, match="seed: trained on 0, this store 1"):  # notebook 06
+    with pytest.raises(StaleSAE, match="exclude_first_position: trained on True, this store False"):  # notebook 06
         trained_saes(newer, store)
     with pytest.warns(UserWarning, match="allow_stale=True"):
         assert len(trained_saes(newer, store, allow_stale=True)[0]) == 1
