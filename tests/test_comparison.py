@@ -80,3 +80,16 @@ def test_convergence_compares_the_last_fifth_of_the_steps():
     assert moving["l0_change_pct"] == pytest.approx(100 * 2 / 30) and not moving["converged"]
     one = comparison.convergence(history([5.0], [0.1]))
     assert math.isnan(one["l0_change_pct"]) and not one["converged"]
+
+
+def test_readme_rows_format_each_architecture_as_the_readme_table_quotes_it():
+
+    table = pd.DataFrame([{"architecture": "jumprelu", "setting": "l0_coefficient", "value": 0.0258, "l0": 30.07,
+                           "fvu": 0.03574, "ce_loss_recovered_pct": 99.81, "ce_loss_recovered_mean_pct": 99.23,
+                           "delta_ce": 0.02904, "dead_pct": 0.977, "dense_pct": 17.58},
+                          {"architecture": "topk", "setting": "k", "value": 32.0, "l0": 32.0, "fvu": 0.0304,
+                           "ce_loss_recovered_pct": 99.86, "ce_loss_recovered_mean_pct": 99.45, "delta_ce": 0.0208,
+                           "dead_pct": 0.0, "dense_pct": 19.34}])
+    assert comparison.readme_rows(table) == {
+        "jumprelu": "| jumprelu | λ0 0.026 | 30.1 | 0.036 | 99.8% / 99.2% | 0.029 | 1.0% | 17.6% |",
+        "topk": "| topk | k 32 | 32.0 | 0.030 | 99.9% / 99.5% | 0.021 | 0.0% | 19.3% |"}

@@ -193,3 +193,13 @@ def test_fvu_is_the_fits_own_on_the_held_out_rows(monkeypatch):
     with torch.no_grad():
         expected = (sae(x).x_hat - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
     assert fvu == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_readme_line_names_each_choice_its_oracle_and_chance():
+    table = pd.DataFrame([{"architecture": "tied", "d_sae": 128, "mmcs": 0.9322, "recovered": 0.836,
+                           "oracle_mmcs": 0.9363, "chance_mmcs": 0.4757, "chance_recovered": 0.0},
+                          {"architecture": "topk", "d_sae": 128, "mmcs": 0.9936, "recovered": 1.0,
+                           "oracle_mmcs": 0.9936, "chance_mmcs": 0.4757, "chance_recovered": 0.0}])
+    table = table.set_index("architecture")
+    assert ground_truth.readme_line(table) == ("tied 0.932 (84%; oracle 0.936), topk 0.994 (100%; oracle 0.994). "
+                                  "Chance, 128 random directions: 0.476 (0%)")

@@ -195,3 +195,13 @@ def report(results: pd.DataFrame, features: torch.Tensor, target_l0: float) -> p
                      "seeds": int(row.seeds), "oracle_d_sae": int(best.d_sae), "oracle_knob_value": best.knob_value,
                      "oracle_mmcs": best.mmcs, "chance_mmcs": chance["mmcs"], "chance_recovered": chance["recovered"]})
     return pd.DataFrame(rows).set_index("architecture")
+
+
+def readme_line(report_table: pd.DataFrame) -> str:
+    """`report`'s table in the words the README quotes (notebook 05 records it with `workbook.record`): each
+    architecture's chosen MMCS (share recovered; the oracle's best MMCS), then chance at the dictionary's size."""
+    parts = [f"{name} {r.mmcs:.3f} ({r.recovered:.0%}; oracle {r.oracle_mmcs:.3f})"
+             for name, r in report_table.iterrows()]
+    first = report_table.iloc[0]
+    return (", ".join(parts) + f". Chance, {int(first.d_sae)} random directions: {first.chance_mmcs:.3f} "
+            f"({first.chance_recovered:.0%})")

@@ -247,3 +247,12 @@ def describe_architectures(table: pd.DataFrame, profile) -> str:
     if profile.is_offline:
         lines.append("OFFLINE PROFILE: not GPT-2; these numbers describe the offline model's activations.")
     return "\n".join(lines)
+
+
+def readme_rows(table: pd.DataFrame) -> dict[str, str]:
+    """Each architecture's row of `compare_architectures` as the README's table quotes it (markdown), keyed by
+    architecture: notebook 03 records them (`workbook.record`), so `make workbook` says when the README is stale."""
+    knob = {"l1_coefficient": "λ {:.3f}", "l0_coefficient": "λ0 {:.3f}", "k": "k {:.0f}"}
+    return {row.architecture: f"| {row.architecture} | {knob[row.setting].format(row.value)} | {row.l0:.1f} | "
+            f"{row.fvu:.3f} | {row.ce_loss_recovered_pct:.1f}% / {row.ce_loss_recovered_mean_pct:.1f}% | "
+            f"{row.delta_ce:.3f} | {row.dead_pct:.1f}% | {row.dense_pct:.1f}% |" for row in table.itertuples()}
