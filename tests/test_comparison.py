@@ -93,3 +93,4 @@ def test_readme_rows_format_each_architecture_as_the_readme_table_quotes_it():
     assert comparison.readme_rows(table) == {
         "jumprelu": "| jumprelu | λ0 0.026 | 30.1 | 0.036 | 99.8% / 99.2% | 0.029 | 1.0% | 17.6% |",
         "topk": "| topk | k 32 | 32.0 | 0.030 | 99.9% / 99.5% | 0.021 | 0.0% | 19.3% |"}
+    assert comparison.readme_rows(table.set_index("architecture")) == comparison.readme_rows(table)  # as notebook 03

@@ -255,4 +255,5 @@ def readme_rows(table: pd.DataFrame) -> dict[str, str]:
     knob = {"l1_coefficient": "λ {:.3f}", "l0_coefficient": "λ0 {:.3f}", "k": "k {:.0f}"}
     return {row.architecture: f"| {row.architecture} | {knob[row.setting].format(row.value)} | {row.l0:.1f} | "
             f"{row.fvu:.3f} | {row.ce_loss_recovered_pct:.1f}% / {row.ce_loss_recovered_mean_pct:.1f}% | "
-            f"{row.delta_ce:.3f} | {row.dead_pct:.1f}% | {row.dense_pct:.1f}% |" for row in table.itertuples()}
+            f"{row.delta_ce:.3f} | {row.dead_pct:.1f}% | {row.dense_pct:.1f}% |"
+            for row in (table if "architecture" in table.columns else table.reset_index()).itertuples()}
