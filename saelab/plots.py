@@ -332,19 +332,23 @@ def training_curves(history: pd.DataFrame, profile: Profile, device: str | None 
 
 
 def architecture_comparison(table: pd.DataFrame, profile: Profile, device: str | None = None) -> go.Figure:
-    """FVU against L0, one point per architecture (table index; down-left is better), labelled with CE loss
-    recovered (column ce_loss_recovered_pct, in percent). Axes are padded so that no label is clipped."""
-    fig = go.Figure(go.Scatter(
-        x=table["l0"], y=table["fvu"], mode="markers+text", marker={"size": 14}, cliponaxis=False,
-        text=[f"{name}<br>CE rec. {ce:.0f}%" for name, ce in zip(table.index, table["ce_loss_recovered_pct"],
-                                                                  strict=True)],
-        textposition="top center"))
+    """FVU against L0, one marker per architecture (table index; down-left is better), named in the legend with
+    its CE loss recovered (column ce_loss_recovered_pct, and ce_loss_recovered_mean_pct when there: the
+    mean-ablation floor). A legend, not labels at the points: at matched L0 the points sit close together."""
+    fig = go.Figure()
+    symbols = ["circle", "square", "diamond", "triangle-up", "x", "star", "cross", "hexagon"]
+    for i, (name, row) in enumerate(table.iterrows()):
+        ce = f"CE rec. {row['ce_loss_recovered_pct']:.1f}%"
+        if "ce_loss_recovered_mean_pct" in row:
+            ce += f" (zero floor), {row['ce_loss_recovered_mean_pct']:.1f}% (mean floor)"
+        fig.add_trace(go.Scatter(x=[row["l0"]], y=[row["fvu"]], mode="markers", name=f"{name}: {ce}",
+                                 marker={"size": 14, "symbol": symbols[i % len(symbols)]}, cliponaxis=False))
     fig.update_layout(title=figure_title("Architectures on the same activations: sparsity vs reconstruction", profile,
                                          device), xaxis_title="L0 (active latents per token)",
-                      yaxis_title="FVU (fraction of variance unexplained)", margin={"t": 110, "r": 60})
-    # labels sit above each point and are ~10 characters wide: room above the highest and beside the outermost
+                      yaxis_title="FVU (fraction of variance unexplained)", margin={"t": 110, "r": 60},
+                      legend={"title": {"text": "architecture (down-left is better)"}})
     fig.update_xaxes(range=padded_range(table["l0"], 0.25, 0.25))
-    fig.update_yaxes(range=padded_range(table["fvu"], 0.15, 0.45))
+    fig.update_yaxes(range=padded_range(table["fvu"], 0.15, 0.15))
     return readable_axes(fig)
 
 
@@ -399,7 +403,13 @@ def sweep_figure(results: pd.DataFrame, profile: Profile, device: str | None = N
     if true_l0 is not None:
         fig.add_hline(y=true_l0, line_dash="dot", row=1, annotation_text="true L0")
     fig.add_hline(y=1.0, line_dash="dot", row=2)
-    fig.update_layout(margin={"t": 110})
+    sizes = long["d_sae"].unique()
+    if len(sizes) == 1:  # one dictionary size: a one-entry legend says less than the title can
+        fig.update_layout(showlegend=False, title_text=f"{title}<br><sup>dictionaries of {sizes[0]} latents</sup>")
+    # the facet row titles stand right of the last column, the legend below the plot: neither covers the other
+    fig.update_layout(margin={"t": 110, "r": 150, "b": 110}, legend={"orientation": "h", "yanchor": "top",
+                                                                     "y": -0.12, "x": 0, "title": {"text": "d_sae"}})
+    fig.for_each_annotation(lambda a: a.update(x=a.x + 0.03) if a.textangle == 90 else None)
     return readable_axes(fig)
 
 

@@ -14,6 +14,7 @@ fractions (`dead_fraction`, `frequency`): `tidy` converts them for display, so a
 
 from __future__ import annotations
 
+import hashlib
 import math
 from pathlib import Path
 
@@ -79,7 +80,9 @@ class Table:
         return number(value, self.digits) if isinstance(value, (int, float, np.number)) else value
 
     def to_html(self) -> str:
-        style = self.frame.style.format(self._format)
+        # a stable id instead of pandas' random one, so an unchanged table rewrites no file
+        uuid = hashlib.sha1(f"{self.caption}|{list(self.frame.columns)}|{len(self.frame)}".encode()).hexdigest()[:8]
+        style = self.frame.style.format(self._format).set_uuid(uuid)
         return (style.set_caption(self.caption) if self.caption else style).to_html()
 
     _repr_html_ = to_html

@@ -113,7 +113,7 @@ def test_training_builders_name_profile_and_show_each_column():
     table = pd.DataFrame({"l0": [10.0, 4.0], "fvu": [0.2, 0.3], "ce_loss_recovered_pct": [90.0, 75.0]},
                          index=pd.Index(["tied", "topk"], name="architecture"))
     fig = plots.architecture_comparison(table, profile, "cpu")
-    assert list(fig.data[0].text) == ["tied<br>CE rec. 90%", "topk<br>CE rec. 75%"]
+    assert [trace.name for trace in fig.data] == ["tied: CE rec. 90.0%", "topk: CE rec. 75.0%"]
     assert "profile offline" in fig.layout.title.text
 
 
@@ -139,6 +139,17 @@ def test_sweep_figure_draws_the_mean_over_seeds():
     fig = plots.sweep_figure(results, load_profile("offline"), "cpu")
     mmcs = next(trace for trace in fig.data if list(trace.y) != [2.0, 4.0])
     assert list(mmcs.x) == [2, 4] and list(mmcs.y) == pytest.approx([0.6, 0.85])
+    assert fig.layout.showlegend is False and "dictionaries of 8 latents" in fig.layout.title.text  # one size
+
+
+def test_sweep_figure_keeps_the_legend_for_several_sizes_and_room_for_the_row_titles():
+    results = pd.DataFrame({"architecture": ["topk"] * 2, "d_sae": [8, 16], "knob": ["k"] * 2,
+                            "knob_value": [2, 2], "mmcs": [0.5, 0.7], "l0": [2.0, 2.0]})
+    fig = plots.sweep_figure(results, load_profile("offline"), "cpu")
+    assert fig.layout.showlegend is not False and fig.layout.margin.r >= 150
+    rows = [a for a in fig.layout.annotations if a.textangle == 90]
+    assert rows and all(a.x > 1.0 for a in rows)  # beside the last column, not on it
+    assert fig.layout.legend.orientation == "h" and fig.layout.legend.y < 0  # below, clear of the row titles
 
 
 def test_interpretability_comparison_shows_each_method_with_its_interval():
@@ -172,14 +183,20 @@ def test_training_curves_have_short_titles_y_titles_and_no_si_ticks():
     assert len(axes) == 6 and all(axis.exponentformat == "power" for axis in axes)  # 8×10⁻⁴, never "800μ"
 
 
-def test_architecture_comparison_leaves_room_for_labels_above_and_beside_the_points():
-    table = pd.DataFrame({"l0": [10.0, 4.0, 7.0], "fvu": [0.2, 0.3, 0.25], "ce_loss_recovered_pct": [90.0, 75, 80]},
-                         index=pd.Index(["tied", "topk", "standard"], name="architecture"))
+def test_architecture_comparison_names_close_points_in_the_legend_with_both_floors():
+    """At matched L0 the points nearly coincide (topk 32.0 / 0.030, batchtopk 32.0 / 0.029): labels at the
+    points would overlap, so each architecture is a legend entry with its own marker."""
+    table = pd.DataFrame({"l0": [32.0, 32.0, 30.1], "fvu": [0.030, 0.029, 0.036],
+                          "ce_loss_recovered_pct": [99.86, 99.87, 99.81],
+                          "ce_loss_recovered_mean_pct": [99.45, 99.43, 99.23]},
+                         index=pd.Index(["topk", "batchtopk", "jumprelu"], name="architecture"))
     fig = plots.architecture_comparison(table, load_profile("offline"), "cpu")
+    assert [t.name for t in fig.data] == ["topk: CE rec. 99.9% (zero floor), 99.5% (mean floor)",
+                                          "batchtopk: CE rec. 99.9% (zero floor), 99.4% (mean floor)",
+                                          "jumprelu: CE rec. 99.8% (zero floor), 99.2% (mean floor)"]
+    assert len({t.marker.symbol for t in fig.data}) == 3 and all(t.mode == "markers" for t in fig.data)
     (x_lo, x_hi), (y_lo, y_hi) = fig.layout.xaxis.range, fig.layout.yaxis.range
-    assert x_lo < 4.0 - 1 and x_hi > 10.0 + 1  # a quarter of the L0 span on each side
-    assert y_hi > 0.3 + 0.04 and y_lo < 0.2  # labels sit above the points: more room on top
-    assert fig.data[0].cliponaxis is False
+    assert x_lo < 30.1 < 32.0 < x_hi and y_lo < 0.029 < 0.036 < y_hi  # no marker on the frame
 
 
 def test_saved_numbers_are_rounded_and_noise_does_not_rewrite_a_file():

@@ -49,3 +49,9 @@ def test_save_csv_writes_the_full_precision_table_beside_the_figures(tmp_path, m
     assert list(pd.read_csv(named).columns) == ["method", "auc"]
     with pytest.raises(ValueError, match="plain file name"):
         tables.save_csv(frame, "offline", "../escape")
+
+
+def test_the_same_table_renders_the_same_html_every_time():
+    frame = pd.DataFrame({"auc": [0.9, 0.8]}, index=["sae", "pca"])
+    assert tables.show(frame, "AUC").to_html() == tables.show(frame.copy(), "AUC").to_html()
+    assert tables.show(frame, "AUC").to_html() != tables.show(frame, "other caption").to_html()
