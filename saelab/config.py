@@ -232,7 +232,7 @@ class Profile:
     mae_top_k: int = 5  # examples kept per feature (seed: 5)
     mae_top_features: int = 20  # features in the summary table, by total activation (seed: 20)
 
-    # --- shareable results (issue 11, notebook 04). Not in the seed.
+    # --- shareable results (notebook 04). Not in the seed.
     dashboard_features: int = 100  # features with a dashboard page, the top ones by total activation (0 = none)
     # A SAELens-format SAE folder (cfg.json + sae_weights.safetensors, e.g. written by SAELens'
     # `save_model`) that notebook 04 analyses instead of notebook 03's SAE; it must read this profile's

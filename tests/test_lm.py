@@ -51,8 +51,8 @@ def test_converted_model_lives_where_the_hf_model_lives(device, tolerance):
 
 
 def test_converted_model_does_not_claim_cuda_for_cpu_weights(monkeypatch):
-    """Issue 9 on a CPU-only machine: where CUDA exists, TransformerLens' config defaulted cfg.device to
-    'cuda' while the converted weights stayed on the CPU, so every forward sent the tokens to CUDA."""
+    """Checked on a CPU-only machine: where CUDA exists, TransformerLens' config defaulted cfg.device to 'cuda'
+    while the converted weights stayed on the CPU, so every forward sent the tokens to CUDA."""
     with monkeypatch.context() as patched:
         patched.setattr(torch.cuda, "is_available", lambda: True)
         model = lm.hooked_from_hf(random_hf_gpt2())

@@ -136,7 +136,7 @@ def check_hook(model, hook: str) -> None:
 
 # ---------------------------------------------------------------- what the model is and how good it is
 
-UNIGRAM_RATIO_BAR = 0.75  # issue 10: held-out CE at most this share of the unigram baseline's
+UNIGRAM_RATIO_BAR = 0.75  # held-out CE at most this share of the unigram baseline's
 ABLATION_GAP_BAR = 1.0  # nats: zeroing the hook must cost at least this, or CE loss recovered means little
 
 

@@ -348,7 +348,7 @@ def top_logit_tokens(logits: torch.Tensor, tokenizer, n: int = 10) -> pd.DataFra
                          "effect": ["promoted"] * n + ["suppressed"] * n})
 
 
-# ---------------------------------------------------------------- are the top features about text? (issue 10)
+# ---------------------------------------------------------------- are the top features about text?
 # A feature of a random-weight model fires at one position whatever the token (its residual stream is mostly
 # the position embedding); a feature of a model that learned text fires on a token or a kind of token,
 # wherever it stands. These two numbers, per feature, over its top examples, tell the two apart.
