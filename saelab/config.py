@@ -346,8 +346,7 @@ class Profile:
                  "interp_min_positives": (1, "positives per split"), "interp_document_groups": (2, "document groups")}
         problems = [f"{name}={getattr(self, name)!r}: an integer >= {minimum} ({meaning})"
                     for name, (minimum, meaning) in rules.items()
-                    if not (isinstance(getattr(self, name), int) and not isinstance(getattr(self, name), bool)
-                            and getattr(self, name) >= minimum)]
+                    if not _count(getattr(self, name), minimum)]
         if not (self.interp_ks and all(isinstance(k, int) and k >= 1 for k in self.interp_ks)):
             problems.append(f"interp_ks={self.interp_ks!r}: one or more integers >= 1 (directions per sparse probe)")
         if not 0 < self.interp_held_out_share < 1:
@@ -357,8 +356,7 @@ class Profile:
 
     def _offline_lm_problems(self) -> list[str]:
         def count(name: str, minimum: int) -> bool:
-            value = getattr(self, name)
-            return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+            return _count(getattr(self, name), minimum)
 
         problems = [f"{name}={getattr(self, name)!r}: must be a positive integer" for name in
                     ("offline_lm_steps", "offline_lm_batch_size", "offline_lm_eval_every") if not count(name, 1)]

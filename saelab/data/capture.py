@@ -245,6 +245,17 @@ def _out_of_memory(profile: Profile, split: str, device: torch.device, writer: S
             f"{paths.store_dir(profile, split)} are kept: rerunning resumes after them.")
 
 
+def _tokens_and_lm(profile: Profile, split: str, lm, device: str | None):
+    """The split's token contexts, the LM (the one given, else the profile's on `device`), and the device it
+    runs on, its hook checked: what a capture and a repair both start from."""
+    tokens = load_tokens(profile, split).with_format("torch")
+    if lm is None:
+        lm = load_lm(profile, device or default_device())
+    device = check_device(lm, device)
+    check_hook(lm, profile.hook)
+    return tokens, lm, device
+
+
 @torch.inference_mode()
 def capture_activations(profile: Profile, split: str = "train", device: str | None = None, *,
                         lm=None, batch_size: int | None = None, progress: bool = True) -> ActivationStore:
@@ -255,11 +266,7 @@ def capture_activations(profile: Profile, split: str = "train", device: str | No
     contexts per forward pass (default `capture_batch`). Resumes an interrupted capture; returns the
     finished store at once if it is complete.
     """
-    tokens = load_tokens(profile, split).with_format("torch")
-    if lm is None:
-        lm = load_lm(profile, device or default_device())
-    device = check_device(lm, device)
-    check_hook(lm, profile.hook)
+    tokens, lm, device = _tokens_and_lm(profile, split, lm, device)
     with _open_writer(profile, split, lm) as writer:  # the lock is released however the capture ends
         if writer.is_complete:
             return ActivationStore(writer.directory, hook=profile.hook, d_in=profile.d_in)
@@ -313,11 +320,7 @@ def repair_store(profile: Profile, split: str = "train", device: str | None = No
     damaged = set(store.verify(progress=progress))
     if not damaged:
         return []
-    tokens = load_tokens(profile, split).with_format("torch")
-    if lm is None:
-        lm = load_lm(profile, device or default_device())
-    device = check_device(lm, device)
-    check_hook(lm, profile.hook)
+    tokens, lm, device = _tokens_and_lm(profile, split, lm, device)
     first, size = 0, capture_batch(profile, lm, device)
     with tf32_matmuls(device.type == "cuda" and profile.store_dtype != "float32"):  # as the capture ran
         for shard in store.manifest["shards"]:

@@ -48,7 +48,7 @@ def twin_sae(profile: Profile, activations: torch.Tensor, device):
     """An SAE of the profile's architecture and training settings, trained in memory on `activations`, at
     the profile's target L0 when it sets one (k = target, or λ / λ0 searched as notebook 03 does, probes
     kept in memory): the twin's SAE is compared at the L0 of notebook 03's. -> (sae, search result or None)"""
-    field = comparison.sparsity_field(profile.architecture)
+    field = comparison.sparsity_field(profile.sae.architecture)
     if not profile.target_l0:
         return _train(profile, activations, device)[0], None
     if field == "k":
@@ -59,7 +59,7 @@ def twin_sae(profile: Profile, activations: torch.Tensor, device):
         trained[value], l0 = _train(profile.replace(**{field: value}), activations, device)
         return l0
 
-    search = comparison.search_coefficient(profile, activations, profile.architecture, profile.target_l0,
+    search = comparison.search_coefficient(profile, activations, profile.sae.architecture, profile.target_l0,
                                            probe=probe)
     return trained[search["value"]], search
 

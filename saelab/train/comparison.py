@@ -162,7 +162,7 @@ def search_table(profile) -> pd.DataFrame:
 
 def matched_profile(profile, matched: dict[str, dict], architecture: str | None = None):
     """The profile for one architecture (default: the profile's own) with its matched sparsity setting."""
-    architecture = architecture or profile.architecture
+    architecture = architecture or profile.sae.architecture
     return profile.replace(architecture=architecture, **matched.get(architecture, {}))
 
 
